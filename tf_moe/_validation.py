@@ -1,0 +1,41 @@
+"""Argument validation shared by layers and routers: every error names the
+argument, the allowed values and what was received."""
+
+
+def check_positive_int(name, value, minimum=1):
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(
+            f"`{name}` must be an integer >= {minimum}. Received: {name}={value!r}"
+        )
+
+
+def check_non_negative(name, value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise ValueError(f"`{name}` must be a number >= 0. Received: {name}={value!r}")
+
+
+def check_choice(name, value, allowed):
+    if value not in allowed:
+        raise ValueError(
+            f"`{name}` must be one of {tuple(allowed)}. Received: {name}={value!r}"
+        )
+
+
+def check_k(k, num_experts):
+    """Validates the number of choices per token against the expert count."""
+    check_positive_int("k", k)
+    if num_experts is not None and k > num_experts:
+        raise ValueError(
+            "`k` must be at most `num_experts`. "
+            f"Received: k={k}, num_experts={num_experts}"
+        )
+
+
+def check_capacity_factor(name, value):
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise ValueError(
+            f"`{name}` must be a number > 0, or None for no token dropping. "
+            f"Received: {name}={value!r}"
+        )

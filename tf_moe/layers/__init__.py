@@ -1,0 +1,4 @@
+"""Keras layers: experts, the MoE layer, the hierarchical MoE layer."""
+
+from tf_moe.layers.experts import EXPERT_ACTIVATIONS, Experts
+from tf_moe.layers.moe import MoE

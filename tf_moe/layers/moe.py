@@ -1,0 +1,267 @@
+"""The sparsely-gated Mixture-of-Experts layer.
+
+Flow: x [B, d] or [B, L, d] -> tokens [T, d] -> groups [G, S, d] (the last
+group padded; padding is never routed) -> router -> `Routing` -> dispatch
+[E, G, C, d] -> experts -> combine [G, S, d] -> y, same shape as x.
+
+Owns: grouping, capacity, the choice of dispatch path, `add_loss` of the
+router's auxiliary losses, the last routing statistics.
+Does not own: routing rules (`tf_moe.routing`), dispatch math (`tf_moe.ops`),
+expert math (`tf_moe.layers.experts`).
+
+Shape letters: B batch, L length, T tokens, d model dim, G groups, S group size,
+E experts, C capacity, k choices per token.
+"""
+
+import keras
+from keras import ops
+
+from tf_moe import metrics
+from tf_moe._validation import (
+    check_capacity_factor,
+    check_choice,
+    check_k,
+    check_positive_int,
+)
+from tf_moe.layers.experts import EXPERT_ACTIVATIONS, Experts
+from tf_moe.ops import dispatch as dispatch_lib
+from tf_moe.routing import Router, TopKRouter, expert_capacity
+
+
+def bind_router(router, num_experts):
+    """The router to use for `num_experts` experts: `router` itself when it
+    already has that many, else a copy of it bound to `num_experts`."""
+    if router is None:
+        router = TopKRouter(k=2)
+    if isinstance(router, dict):
+        router = keras.saving.deserialize_keras_object(router)
+    if not isinstance(router, Router):
+        raise ValueError(
+            "`router` must be a `tf_moe.routing.Router` (e.g. TopKRouter(k=2)) or "
+            f"None. Received: router={router!r}"
+        )
+    if router.num_experts is None:
+        config = router.get_config()
+        config["num_experts"] = num_experts
+        router = router.__class__.from_config(config)
+    elif router.num_experts != num_experts:
+        raise ValueError(
+            "`router.num_experts` must equal `num_experts`. Received: "
+            f"router.num_experts={router.num_experts}, num_experts={num_experts}"
+        )
+    check_k(router.choices_per_token, num_experts)
+    return router
+
+
+def group_tokens(tokens, group_size):
+    """Splits tokens into groups, padding the last one.
+
+    Args:
+        tokens: [T, d].
+        group_size: int, S.
+
+    Returns:
+        (groups [G, S, d], token_mask <bool>[G, S]) with G = ceil(T / S).
+    """
+    num_tokens = ops.shape(tokens)[0]
+    padding = (-num_tokens) % group_size
+    groups = ops.reshape(ops.pad(tokens, [[0, padding], [0, 0]]), (-1, group_size, tokens.shape[-1]))
+    token_mask = ops.arange(num_tokens + padding) < num_tokens
+    return groups, ops.reshape(token_mask, (-1, group_size))
+
+
+@keras.saving.register_keras_serializable(package="tf_moe")
+class MoE(keras.layers.Layer):
+    """Sparsely-gated Mixture-of-Experts feed-forward layer.
+
+    Tokens are routed in groups of `group_size`; each expert takes at most
+    C = ceil(capacity_factor * S * k / E) tokens per group (at least
+    `min_capacity`), and overflowing choices are dropped: their output from
+    that expert is 0, so wrap the layer in a residual connection. The router's
+    auxiliary losses are added with `add_loss`; the statistics of the last call
+    are in `last_routing_stats` (see `tf_moe.metrics.RoutingStatsLogger` for
+    `model.fit` logs).
+
+    Args:
+        num_experts: int >= 1, E.
+        expert_hidden_dim: int >= 1, hidden width h of each expert.
+        expert_activation: "relu" (default), "gelu", "silu", or the gated
+            "reglu", "geglu", "swiglu".
+        expert_dropout: float in [0, 1), dropout on expert hidden units.
+        expert_use_bias: bool, default True.
+        router: a `tf_moe.routing.Router`; default `TopKRouter(k=2)`. A router
+            without `num_experts` is copied and bound to this layer's E.
+        capacity_factor: float > 0 used in training, or None for no dropping
+            (C = S). Default 1.25.
+        eval_capacity_factor: float > 0 or None used at inference. Default 2.0.
+        min_capacity: int >= 1, default 4.
+        group_size: int >= 1, tokens per routing group (S). Default 1024; a
+            call with fewer (statically known) tokens routes them as one group.
+        dispatch: "auto" (default; "einsum" on TPU, "gather" elsewhere),
+            "einsum" or "gather". Every path computes the same function.
+        expert_kernel_initializer: initializer for expert kernels, or None
+            for per-expert fan-in truncated normal.
+        **kwargs: base `Layer` arguments.
+
+    Call arguments:
+        inputs: [B, d] or [B, L, d].
+        training: bool.
+
+    Output shape: same as `inputs`.
+
+    Example:
+    >>> moe = MoE(num_experts=4, expert_hidden_dim=32, group_size=16)
+    >>> y = moe(keras.random.normal((2, 8, 16)))
+    >>> tuple(y.shape)
+    (2, 8, 16)
+    """
+
+    def __init__(
+        self,
+        num_experts,
+        expert_hidden_dim,
+        expert_activation="relu",
+        expert_dropout=0.0,
+        expert_use_bias=True,
+        router=None,
+        capacity_factor=1.25,
+        eval_capacity_factor=2.0,
+        min_capacity=4,
+        group_size=1024,
+        dispatch="auto",
+        expert_kernel_initializer=None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        check_positive_int("num_experts", num_experts)
+        check_positive_int("expert_hidden_dim", expert_hidden_dim)
+        check_choice("expert_activation", expert_activation, EXPERT_ACTIVATIONS)
+        check_capacity_factor("capacity_factor", capacity_factor)
+        check_capacity_factor("eval_capacity_factor", eval_capacity_factor)
+        check_positive_int("min_capacity", min_capacity)
+        check_positive_int("group_size", group_size)
+        check_choice("dispatch", dispatch, dispatch_lib.DISPATCH_METHODS)
+        self.num_experts = num_experts
+        self.expert_hidden_dim = expert_hidden_dim
+        self.expert_activation = expert_activation
+        self.expert_dropout = expert_dropout
+        self.expert_use_bias = expert_use_bias
+        self.router = bind_router(router, num_experts)
+        self.capacity_factor = capacity_factor
+        self.eval_capacity_factor = eval_capacity_factor
+        self.min_capacity = min_capacity
+        self.group_size = group_size
+        self.dispatch = dispatch
+        self.expert_kernel_initializer = expert_kernel_initializer
+        self.experts = Experts(
+            num_experts,
+            expert_hidden_dim,
+            activation=expert_activation,
+            use_bias=expert_use_bias,
+            dropout=expert_dropout,
+            kernel_initializer=expert_kernel_initializer,
+            name="experts",
+        )
+
+    def build(self, input_shape):
+        if len(input_shape) not in (2, 3):
+            raise ValueError(
+                "`inputs` must have rank 2 [batch, d] or 3 [batch, seq, d]. "
+                f"Received: inputs.shape={tuple(input_shape)}"
+            )
+        self.feature_dim = input_shape[-1]
+        if self.feature_dim is None:
+            raise ValueError(
+                "The last dimension of `inputs` must be known. "
+                f"Received: inputs.shape={tuple(input_shape)}"
+            )
+        self.router.build((None, None, self.feature_dim))
+        self.experts.build((self.num_experts, None, None, self.feature_dim))
+        self._stat_variables = {}
+        stat_shapes = {"expert_load": (self.num_experts,)}
+        for name in ("expert_load",) + metrics.SCALAR_STATS + self.router.loss_names:
+            self._stat_variables[name] = self.add_weight(
+                name=name,
+                shape=stat_shapes.get(name, ()),
+                initializer="zeros",
+                trainable=False,
+                autocast=False,
+                aggregation="mean",
+            )
+
+    def capacity(self, group_size, training):
+        """Slots per expert per group for a group of `group_size` tokens."""
+        factor = self.capacity_factor if training else self.eval_capacity_factor
+        return expert_capacity(
+            group_size,
+            self.num_experts,
+            factor,
+            self.router.choices_per_token,
+            self.min_capacity,
+        )
+
+    def call(self, inputs, training=None):
+        if len(inputs.shape) not in (2, 3) or inputs.shape[-1] != self.feature_dim:
+            raise ValueError(
+                f"`inputs` must have shape [batch, {self.feature_dim}] or "
+                f"[batch, seq, {self.feature_dim}] (this layer was built for "
+                f"d={self.feature_dim}). Received: inputs.shape={tuple(inputs.shape)}"
+            )
+        tokens = ops.reshape(inputs, (-1, self.feature_dim))  # [T, d]
+        num_tokens = tokens.shape[0]
+        group_size = self.group_size
+        if num_tokens is not None:
+            group_size = min(group_size, num_tokens)
+        groups, token_mask = group_tokens(tokens, group_size)  # [G, S, d], [G, S]
+        routing = self.router.route(
+            groups, self.capacity(group_size, training), token_mask, training
+        )
+        dispatch, combine = dispatch_lib.DISPATCHERS[
+            dispatch_lib.resolve_dispatch(self.dispatch)
+        ]
+        expert_outputs = self.experts(dispatch(groups, routing), training=training)
+        outputs = combine(expert_outputs, routing)  # [G, S, d]
+        outputs = ops.reshape(outputs, (-1, self.feature_dim))[: ops.shape(tokens)[0]]
+        if routing.aux_losses:
+            self.add_loss(ops.sum(ops.stack(list(routing.aux_losses.values()))))
+        for name, value in metrics.routing_stats(routing).items():
+            self._stat_variables[name].assign(ops.cast(value, "float32"))
+        return ops.reshape(ops.cast(outputs, self.compute_dtype), ops.shape(inputs))
+
+    @property
+    def last_routing_stats(self):
+        """dict name -> numpy value of the last call's routing statistics
+        (see `tf_moe.metrics.routing_stats`); empty before the layer is built."""
+        return {
+            name: ops.convert_to_numpy(variable)
+            for name, variable in getattr(self, "_stat_variables", {}).items()
+        }
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "num_experts": self.num_experts,
+                "expert_hidden_dim": self.expert_hidden_dim,
+                "expert_activation": self.expert_activation,
+                "expert_dropout": self.expert_dropout,
+                "expert_use_bias": self.expert_use_bias,
+                "router": keras.saving.serialize_keras_object(self.router),
+                "capacity_factor": self.capacity_factor,
+                "eval_capacity_factor": self.eval_capacity_factor,
+                "min_capacity": self.min_capacity,
+                "group_size": self.group_size,
+                "dispatch": self.dispatch,
+                "expert_kernel_initializer": (
+                    None
+                    if self.expert_kernel_initializer is None
+                    else keras.initializers.serialize(
+                        keras.initializers.get(self.expert_kernel_initializer)
+                    )
+                ),
+            }
+        )
+        return config

@@ -1,0 +1,104 @@
+"""Routing statistics and the Keras callback that reports them.
+
+Owns: `routing_stats` (pure function of a `Routing`) and `RoutingStatsLogger`.
+Does not own: where stats are stored (each MoE layer keeps its last stats in
+non-trainable variables, which every backend updates inside compiled steps).
+
+Shape letters: G groups, S tokens per group, E experts, k choices.
+"""
+
+import keras
+from keras import ops
+
+# Scalar statistics every MoE layer reports, besides its router's losses.
+SCALAR_STATS = ("dropped_fraction", "unrouted_fraction", "router_entropy")
+
+
+def routing_stats(routing):
+    """Statistics of one routing, over real tokens.
+
+    Returns:
+        dict with
+        - "expert_load": <float32>[E] fraction of routed choices per expert
+          (sums to 1; uniform is 1 / E);
+        - "dropped_fraction": fraction of requested choices dropped for
+          capacity;
+        - "unrouted_fraction": fraction of real tokens that reach no expert
+          (their output is 0; a residual connection carries them);
+        - "router_entropy": mean entropy (nats) of the router probabilities;
+        - every weighted auxiliary loss in `routing.aux_losses`.
+    """
+    kept = ops.cast(routing.dispatch_mask, "float32")  # [G, S, k]
+    requested = ops.cast(routing.requested_mask, "float32")  # [G, S, k]
+    tokens = ops.cast(routing.token_mask, "float32")  # [G, S]
+    # Shape: [E]
+    per_expert = ops.einsum(
+        "gske,gsk->e", ops.one_hot(routing.expert_index, routing.num_experts), kept
+    )
+    num_kept = ops.sum(kept)
+    num_tokens = ops.maximum(ops.sum(tokens), 1.0)
+    probs = routing.router_probs  # [G, S, E]
+    entropy = -ops.sum(probs * ops.log(ops.maximum(probs, 1e-20)), axis=-1)  # [G, S]
+    routed = ops.cast(ops.any(routing.dispatch_mask, axis=-1), "float32")  # [G, S]
+    stats = {
+        "expert_load": per_expert / ops.maximum(num_kept, 1.0),
+        "dropped_fraction": 1.0 - num_kept / ops.maximum(ops.sum(requested), 1.0),
+        "unrouted_fraction": ops.sum(tokens * (1.0 - routed)) / num_tokens,
+        "router_entropy": ops.sum(entropy * tokens) / num_tokens,
+    }
+    stats.update(routing.aux_losses)
+    return stats
+
+
+def moe_layers(model):
+    """All layers of `model` (recursively) that keep routing statistics."""
+    return [
+        layer
+        for layer in model._flatten_layers(include_self=False)
+        if hasattr(layer, "last_routing_stats")
+    ]
+
+
+class RoutingStatsLogger(keras.callbacks.Callback):
+    """Adds every MoE layer's routing statistics to the `model.fit` logs.
+
+    The scalars of each layer appear as `<layer>/<stat>` in the progress bar,
+    `History` and TensorBoard (put this callback before them in the list, or
+    anywhere: Keras appends its own progress bar and History last). The
+    per-expert load vector is summarized by `<layer>/max_load`, the largest
+    expert's share times E (1.0 is perfect balance).
+
+    Args:
+        layers: names of the MoE layers to report, or None for all.
+    """
+
+    def __init__(self, layers=None):
+        super().__init__()
+        self.layer_names = None if layers is None else tuple(layers)
+
+    def _stats(self):
+        logs = {}
+        for layer in moe_layers(self.model):
+            if self.layer_names is not None and layer.name not in self.layer_names:
+                continue
+            for name, value in layer.last_routing_stats.items():
+                if name == "expert_load":
+                    logs[f"{layer.name}/max_load"] = float(value.max() * value.size)
+                else:
+                    logs[f"{layer.name}/{name}"] = float(value)
+        return logs
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._last_train_stats = self._stats()
+        if logs is not None:
+            logs.update(self._last_train_stats)
+
+    def on_test_batch_end(self, batch, logs=None):
+        if logs is not None:
+            logs.update(self._stats())
+
+    def on_epoch_end(self, epoch, logs=None):
+        # The layers now hold the last validation batch's stats; report the
+        # last training batch's under the plain names.
+        if logs is not None:
+            logs.update(getattr(self, "_last_train_stats", {}))

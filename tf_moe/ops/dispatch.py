@@ -1,0 +1,139 @@
+"""Token dispatch and combine in pure `keras.ops`: the one-hot einsum path and
+the gather path. Both compute the same function of a `Routing`:
+
+    dispatch: expert_inputs[e, g, c] = x[g, s] for the routed choice (g, s, j)
+              with expert_index = e and position = c; 0 for empty slots.
+    combine:  y[g, s] = sum_j combine_weight[g, s, j] *
+              expert_outputs[expert_index[g, s, j], g, position[g, s, j]].
+
+`einsum` builds one-hot dispatch/combine tensors [G, S, E, C] (GShard, Mesh
+TensorFlow): static shapes, TPU friendly, O(S * E * C * d) work. `gather`
+moves rows by index: O(S * k * d) work plus a scatter of slot owners.
+
+Owns: dispatch/combine math. Does not own: routing decisions (`tf_moe.routing`).
+
+Shape letters: G groups, S tokens per group, d model dim, E experts,
+C capacity, k choices per token.
+"""
+
+import functools
+
+import keras
+from keras import ops
+
+DISPATCH_METHODS = ("auto", "einsum", "gather")
+
+
+def _combine_tensor(routing, weighted):
+    """<float32>[G, S, E, C]: one-hot (or weighted) routing tensor."""
+    # Shape: [G, S, k, E]
+    expert = ops.one_hot(routing.expert_index, routing.num_experts)
+    if weighted:
+        scale = routing.combine_weight
+    else:
+        scale = ops.cast(routing.dispatch_mask, expert.dtype)
+    # Shape: [G, S, k, C]; dropped choices (mask false) contribute nothing.
+    slot = ops.one_hot(
+        ops.where(routing.dispatch_mask, routing.position, 0), routing.capacity
+    )
+    return ops.einsum("gske,gsk,gskc->gsec", expert, scale, slot)
+
+
+def einsum_dispatch(x, routing):
+    """Dispatch with a one-hot tensor. x: [G, S, d] -> [E, G, C, d]."""
+    dispatch = ops.cast(_combine_tensor(routing, weighted=False), x.dtype)
+    return ops.einsum("gsec,gsd->egcd", dispatch, x)
+
+
+def einsum_combine(expert_outputs, routing):
+    """Combine with a weighted one-hot tensor. [E, G, C, d] -> [G, S, d]."""
+    combine = ops.cast(_combine_tensor(routing, weighted=True), expert_outputs.dtype)
+    return ops.einsum("gsec,egcd->gsd", combine, expert_outputs)
+
+
+def _flat_slot(routing):
+    """<int32>[G, S, k] index of each choice's slot in a [G * E * C] buffer;
+    G * E * C (one past the end) for choices that are not routed."""
+    num_groups = ops.shape(routing.expert_index)[0]
+    slots_per_group = routing.num_experts * routing.capacity
+    group = ops.arange(num_groups, dtype="int32")[:, None, None]  # [G, 1, 1]
+    slot = (
+        group * slots_per_group
+        + routing.expert_index * routing.capacity
+        + routing.position
+    )
+    return ops.where(routing.dispatch_mask, slot, num_groups * slots_per_group)
+
+
+def slot_owner(routing):
+    """<int32>[G * E * C] flat token index (g * S + s) filling each slot; G * S
+    for empty slots."""
+    num_groups, group_size, k = ops.shape(routing.expert_index)
+    num_slots = num_groups * routing.num_experts * routing.capacity
+    token = ops.arange(num_groups * group_size, dtype="int32")
+    token = ops.reshape(token, (num_groups, group_size, 1))  # [G, S, 1]
+    owner_plus_one = ops.where(routing.dispatch_mask, token + 1, 0)  # [G, S, k]
+    # Routed choices own distinct slots; the rest all land in the extra slot
+    # at the end (sliced off), so the scatter-add below never mixes tokens.
+    owner_plus_one = ops.scatter(
+        ops.reshape(_flat_slot(routing), (-1, 1)),
+        ops.reshape(owner_plus_one, (-1,)),
+        (num_slots + 1,),
+    )[:num_slots]
+    return ops.where(owner_plus_one > 0, owner_plus_one - 1, num_groups * group_size)
+
+
+def slot_mask(routing):
+    """<bool>[E, G, C]: slots that hold a token."""
+    num_groups, group_size, _ = ops.shape(routing.expert_index)
+    filled = slot_owner(routing) < num_groups * group_size
+    filled = ops.reshape(filled, (-1, routing.num_experts, routing.capacity))
+    return ops.transpose(filled, (1, 0, 2))
+
+
+def gather_dispatch(x, routing):
+    """Dispatch by gathering token rows. x: [G, S, d] -> [E, G, C, d]."""
+    d = x.shape[-1]
+    # Shape: [G * S + 1, d]; the last row is zeros for empty slots.
+    rows = ops.concatenate([ops.reshape(x, (-1, d)), ops.zeros((1, d), x.dtype)], 0)
+    gathered = ops.take(rows, slot_owner(routing), axis=0)  # [G * E * C, d]
+    gathered = ops.reshape(gathered, (-1, routing.num_experts, routing.capacity, d))
+    return ops.transpose(gathered, (1, 0, 2, 3))  # [E, G, C, d]
+
+
+def gather_combine(expert_outputs, routing):
+    """Combine by gathering slot rows. [E, G, C, d] -> [G, S, d]."""
+    d = expert_outputs.shape[-1]
+    # Shape: [G * E * C + 1, d]; the last row serves unrouted choices.
+    rows = ops.reshape(ops.transpose(expert_outputs, (1, 0, 2, 3)), (-1, d))
+    rows = ops.concatenate([rows, ops.zeros((1, d), rows.dtype)], axis=0)
+    gathered = ops.take(rows, _flat_slot(routing), axis=0)  # [G, S, k, d]
+    weight = ops.cast(routing.combine_weight, rows.dtype)  # [G, S, k]
+    return ops.einsum("gskd,gsk->gsd", gathered, weight)
+
+
+DISPATCHERS = {
+    "einsum": (einsum_dispatch, einsum_combine),
+    "gather": (gather_dispatch, gather_combine),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def _on_tpu():
+    if keras.backend.backend() == "jax":
+        import jax
+
+        return jax.devices()[0].platform == "tpu"
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        return bool(tf.config.list_logical_devices("TPU"))
+    return False
+
+
+def resolve_dispatch(method):
+    """The dispatch path `method` names; "auto" is "einsum" on TPU (static
+    one-hot matmuls suit the MXU), "gather" on CPU and GPU."""
+    if method != "auto":
+        return method
+    return "einsum" if _on_tpu() else "gather"

@@ -1,0 +1,99 @@
+"""Expert-choice routing (Zhou et al. 2022, "Mixture-of-Experts with Expert
+Choice Routing").
+
+Router scores are a softmax over experts; each expert takes the C tokens of its
+group with the highest score for it, so every expert is exactly full and a
+token may be processed by 0 to E experts. Expressed in the token-major
+`Routing` contract with k = E (choice j of a token is expert j).
+
+Shape letters: G groups, S tokens per group, E experts, C capacity.
+"""
+
+import keras
+from keras import ops
+
+from tf_moe.routing.router import Router, Routing
+
+
+def expert_choice_routing(router_probs, capacity, token_mask):
+    """Each expert keeps its top-`capacity` tokens by router probability.
+
+    Args:
+        router_probs: <float32>[G, S, E].
+        capacity: int in [1, S], tokens per expert (C).
+        token_mask: <bool>[G, S]; padding tokens are never chosen.
+
+    Returns:
+        (position <int32>[G, S, E] rank of the token in expert e's choice,
+         chosen <bool>[G, S, E], weights <float32>[G, S, E] the token's
+         probability for expert e where chosen, else 0).
+    """
+    group_size = router_probs.shape[1]
+    # Padding scores -1, below any probability, and is masked out below.
+    scores = ops.where(token_mask[..., None], router_probs, -1.0)  # [G, S, E]
+    # Shape: [G, E, C]
+    top_scores, top_token = ops.top_k(ops.transpose(scores, (0, 2, 1)), capacity)
+    valid = ops.cast(top_scores >= 0.0, "int32")  # [G, E, C]
+    # Shape: [G, E, C, S]; one-hot of the chosen token of every slot.
+    slot_token = ops.one_hot(top_token, group_size, dtype="int32") * valid[..., None]
+    rank = ops.arange(1, capacity + 1, dtype="int32")  # [C]
+    # Shape: [G, S, E]; slot + 1 of the token in expert e, 0 when not chosen.
+    slot_plus_one = ops.einsum("gecs,c->gse", slot_token, rank)
+    chosen = slot_plus_one > 0
+    weights = ops.where(chosen, router_probs, 0.0)
+    return slot_plus_one - 1, chosen, weights
+
+
+@keras.saving.register_keras_serializable(package="tf_moe")
+class ExpertChoiceRouter(Router):
+    """Expert-choice router: each expert picks its top-C tokens per group.
+
+    The `MoE` layer's capacity factor c sets C = ceil(c * S / E), i.e. on
+    average c experts per token. Needs no balance loss (every expert is full
+    by construction); the z-loss applies as for every router.
+
+    Args:
+        num_experts: see `Router`.
+        **kwargs: `Router` arguments (jitter_noise, z_loss_weight,
+            kernel_initializer (default truncated normal, fan-in scale 0.1),
+            seed, name).
+
+    Example:
+    >>> router = ExpertChoiceRouter(num_experts=4)
+    >>> routing = router.route(keras.random.normal((1, 8, 16)), capacity=2)
+    >>> keras.ops.convert_to_numpy(routing.dispatch_mask).sum()
+    np.int64(8)
+    """
+
+    choices_per_token = 1
+
+    def __init__(self, num_experts=None, kernel_initializer=None, **kwargs):
+        if kernel_initializer is None:
+            kernel_initializer = keras.initializers.VarianceScaling(
+                scale=0.1, mode="fan_in", distribution="truncated_normal"
+            )
+        super().__init__(
+            num_experts=num_experts, kernel_initializer=kernel_initializer, **kwargs
+        )
+
+    def _route(self, x, logits, capacity, token_mask, training):
+        router_probs = ops.softmax(logits, axis=-1)  # [G, S, E]
+        position, chosen, weights = expert_choice_routing(
+            router_probs, capacity, token_mask
+        )
+        # Shape: [G, S, E]; choice j of every token is expert j.
+        expert_index = ops.broadcast_to(
+            ops.arange(self.num_experts, dtype="int32"), ops.shape(router_probs)
+        )
+        return Routing(
+            expert_index=expert_index,
+            position=position,
+            dispatch_mask=chosen,
+            combine_weight=weights,
+            requested_mask=chosen,
+            token_mask=token_mask,
+            router_probs=router_probs,
+            aux_losses={},
+            num_experts=self.num_experts,
+            capacity=capacity,
+        )
