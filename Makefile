@@ -1,0 +1,75 @@
+# tf_moe build / test entry points.
+#   make venv   - create .venv and install tf_moe[test] (editable)
+#   make bazel  - install Debian's bazel-bootstrap (Bazel 4.2.3) if missing
+#   make test   - bazel test //tests/... with .venv/bin first on PATH
+#   make train  - python -m tf_moe.demo
+#   make clean  - remove Bazel outputs and Python build artifacts
+#
+# Variables: TARGETS (default //tests/...), BAZEL_ARGS (extra bazel test args),
+# ALLOW_NO_TESTS (1: zero test targets is a warning, not an error), ARGS (train).
+
+SHELL := /bin/bash
+.DEFAULT_GOAL := test
+
+PYTHON3 ?= python3
+VENV := .venv
+VENV_BIN := $(CURDIR)/$(VENV)/bin
+PY := $(VENV_BIN)/python
+STAMP := $(VENV)/.installed
+BAZEL ?= bazel
+TARGETS ?= //tests/...
+BAZEL_ARGS ?=
+ALLOW_NO_TESTS ?= 1
+ARGS ?=
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: venv bazel test train clean distclean
+
+venv: $(STAMP)
+
+$(VENV)/bin/python:
+	$(PYTHON3) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install --upgrade pip setuptools wheel
+
+# Re-installs only when setup.py changes (or the stamp is removed).
+$(STAMP): setup.py | $(VENV)/bin/python
+	$(VENV)/bin/python -m pip install -e '.[test]'
+	touch $@
+
+bazel:
+	@if command -v $(BAZEL) >/dev/null 2>&1; then \
+	  echo "bazel: $$(command -v $(BAZEL))"; \
+	else \
+	  echo "bazel not found; installing Debian bazel-bootstrap"; \
+	  $(SUDO) apt-get update && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y bazel-bootstrap; \
+	fi
+
+# .venv/bin first on PATH: Bazel's py_test runs the first `python3` on PATH
+# (.bazelrc passes PATH through with --action_env/--test_env).
+# Bazel's test cache does not see the venv's contents: the stamp's mtime is
+# passed as a test env var so that cached results are dropped after the venv
+# is reinstalled. Bazel exits 4 when the patterns contain no test targets.
+test: venv bazel
+	@rc=0; \
+	PATH="$(VENV_BIN):$$PATH" $(BAZEL) test \
+	  --test_env=TF_MOE_VENV_STAMP="$$(stat -c %Y $(STAMP))" \
+	  $(BAZEL_ARGS) -- $(TARGETS) || rc=$$?; \
+	if [ $$rc -eq 4 ]; then \
+	  echo "WARNING: no test targets found in $(TARGETS)"; \
+	  if [ "$(ALLOW_NO_TESTS)" = 1 ]; then rc=0; fi; \
+	fi; \
+	exit $$rc
+
+train: venv
+	$(PY) -m tf_moe.demo $(ARGS)
+
+clean:
+	-command -v $(BAZEL) >/dev/null 2>&1 && $(BAZEL) clean
+	rm -rf build dist *.egg-info .eggs
+	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -print0 | xargs -0 rm -rf
+
+# Also removes the virtualenv and Bazel's whole output base.
+distclean: clean
+	-command -v $(BAZEL) >/dev/null 2>&1 && $(BAZEL) clean --expunge
+	rm -rf $(VENV)
