@@ -70,8 +70,101 @@ def group_tokens(tokens, group_size):
     return groups, ops.reshape(token_mask, (-1, group_size))
 
 
+class GroupedMoELayer(keras.layers.Layer):
+    """Shared plumbing of the MoE layers: input checks, token groups, aux
+    losses and routing statistics. Subclasses implement
+    `route_and_compute(groups, token_mask, training) -> (outputs, stats)` and
+    `stat_names()`.
+
+    Args:
+        group_size: int >= 1, tokens per routing group (S).
+        **kwargs: base `Layer` arguments.
+    """
+
+    def __init__(self, group_size=1024, **kwargs):
+        super().__init__(**kwargs)
+        check_positive_int("group_size", group_size)
+        self.group_size = group_size
+
+    def build(self, input_shape):
+        if len(input_shape) not in (2, 3):
+            raise ValueError(
+                "`inputs` must have rank 2 [batch, d] or 3 [batch, seq, d]. "
+                f"Received: inputs.shape={tuple(input_shape)}"
+            )
+        self.feature_dim = input_shape[-1]
+        if self.feature_dim is None:
+            raise ValueError(
+                "The last dimension of `inputs` must be known. "
+                f"Received: inputs.shape={tuple(input_shape)}"
+            )
+        self._stat_variables = {
+            name: self.add_weight(
+                name=name,
+                shape=shape,
+                initializer="zeros",
+                trainable=False,
+                autocast=False,
+                aggregation="mean",
+            )
+            for name, shape in self.stat_shapes().items()
+        }
+
+    def stat_shapes(self):
+        """dict name -> shape of every statistic `route_and_compute` returns."""
+        raise NotImplementedError
+
+    def route_and_compute(self, groups, token_mask, training):
+        """groups [G, S, d], token_mask <bool>[G, S] -> (outputs [G, S, d],
+        stats dict incl. the weighted aux losses under their `loss_names`)."""
+        raise NotImplementedError
+
+    @property
+    def loss_names(self):
+        """Names of the auxiliary losses this layer adds."""
+        raise NotImplementedError
+
+    def call(self, inputs, training=None):
+        if len(inputs.shape) not in (2, 3) or inputs.shape[-1] != self.feature_dim:
+            raise ValueError(
+                f"`inputs` must have shape [batch, {self.feature_dim}] or "
+                f"[batch, seq, {self.feature_dim}] (this layer was built for "
+                f"d={self.feature_dim}). Received: inputs.shape={tuple(inputs.shape)}"
+            )
+        tokens = ops.reshape(inputs, (-1, self.feature_dim))  # [T, d]
+        num_tokens = tokens.shape[0]
+        group_size = self.group_size
+        if num_tokens is not None:
+            group_size = min(group_size, num_tokens)
+        groups, token_mask = group_tokens(tokens, group_size)  # [G, S, d], [G, S]
+        outputs, stats = self.route_and_compute(groups, token_mask, bool(training))
+        # Shape: [T, d]
+        outputs = ops.reshape(outputs, (-1, self.feature_dim))[: ops.shape(tokens)[0]]
+        aux_losses = [stats[name] for name in self.loss_names]
+        if aux_losses:
+            self.add_loss(ops.sum(ops.stack(aux_losses)))
+        for name, variable in self._stat_variables.items():
+            variable.assign(ops.cast(stats[name], "float32"))
+        return ops.reshape(ops.cast(outputs, self.compute_dtype), ops.shape(inputs))
+
+    @property
+    def last_routing_stats(self):
+        """dict name -> numpy value of the last call's routing statistics
+        (see `tf_moe.metrics.routing_stats`); empty before the layer is built."""
+        return {
+            name: ops.convert_to_numpy(variable)
+            for name, variable in getattr(self, "_stat_variables", {}).items()
+        }
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "group_size": self.group_size}
+
+
 @keras.saving.register_keras_serializable(package="tf_moe")
-class MoE(keras.layers.Layer):
+class MoE(GroupedMoELayer):
     """Sparsely-gated Mixture-of-Experts feed-forward layer.
 
     Tokens are routed in groups of `group_size`; each expert takes at most
@@ -132,14 +225,13 @@ class MoE(keras.layers.Layer):
         expert_kernel_initializer=None,
         **kwargs,
     ):
-        super().__init__(**kwargs)
+        super().__init__(group_size=group_size, **kwargs)
         check_positive_int("num_experts", num_experts)
         check_positive_int("expert_hidden_dim", expert_hidden_dim)
         check_choice("expert_activation", expert_activation, EXPERT_ACTIVATIONS)
         check_capacity_factor("capacity_factor", capacity_factor)
         check_capacity_factor("eval_capacity_factor", eval_capacity_factor)
         check_positive_int("min_capacity", min_capacity)
-        check_positive_int("group_size", group_size)
         check_choice("dispatch", dispatch, dispatch_lib.DISPATCH_METHODS)
         self.num_experts = num_experts
         self.expert_hidden_dim = expert_hidden_dim
@@ -150,7 +242,6 @@ class MoE(keras.layers.Layer):
         self.capacity_factor = capacity_factor
         self.eval_capacity_factor = eval_capacity_factor
         self.min_capacity = min_capacity
-        self.group_size = group_size
         self.dispatch = dispatch
         self.expert_kernel_initializer = expert_kernel_initializer
         self.experts = Experts(
@@ -164,30 +255,18 @@ class MoE(keras.layers.Layer):
         )
 
     def build(self, input_shape):
-        if len(input_shape) not in (2, 3):
-            raise ValueError(
-                "`inputs` must have rank 2 [batch, d] or 3 [batch, seq, d]. "
-                f"Received: inputs.shape={tuple(input_shape)}"
-            )
-        self.feature_dim = input_shape[-1]
-        if self.feature_dim is None:
-            raise ValueError(
-                "The last dimension of `inputs` must be known. "
-                f"Received: inputs.shape={tuple(input_shape)}"
-            )
+        super().build(input_shape)
         self.router.build((None, None, self.feature_dim))
         self.experts.build((self.num_experts, None, None, self.feature_dim))
-        self._stat_variables = {}
-        stat_shapes = {"expert_load": (self.num_experts,)}
-        for name in ("expert_load",) + metrics.SCALAR_STATS + self.router.loss_names:
-            self._stat_variables[name] = self.add_weight(
-                name=name,
-                shape=stat_shapes.get(name, ()),
-                initializer="zeros",
-                trainable=False,
-                autocast=False,
-                aggregation="mean",
-            )
+
+    def stat_shapes(self):
+        shapes = {"expert_load": (self.num_experts,)}
+        shapes.update({name: () for name in metrics.SCALAR_STATS + self.loss_names})
+        return shapes
+
+    @property
+    def loss_names(self):
+        return self.router.loss_names
 
     def capacity(self, group_size, training):
         """Slots per expert per group for a group of `group_size` tokens."""
@@ -200,19 +279,8 @@ class MoE(keras.layers.Layer):
             self.min_capacity,
         )
 
-    def call(self, inputs, training=None):
-        if len(inputs.shape) not in (2, 3) or inputs.shape[-1] != self.feature_dim:
-            raise ValueError(
-                f"`inputs` must have shape [batch, {self.feature_dim}] or "
-                f"[batch, seq, {self.feature_dim}] (this layer was built for "
-                f"d={self.feature_dim}). Received: inputs.shape={tuple(inputs.shape)}"
-            )
-        tokens = ops.reshape(inputs, (-1, self.feature_dim))  # [T, d]
-        num_tokens = tokens.shape[0]
-        group_size = self.group_size
-        if num_tokens is not None:
-            group_size = min(group_size, num_tokens)
-        groups, token_mask = group_tokens(tokens, group_size)  # [G, S, d], [G, S]
+    def route_and_compute(self, groups, token_mask, training):
+        group_size = groups.shape[1]
         routing = self.router.route(
             groups, self.capacity(group_size, training), token_mask, training
         )
@@ -220,25 +288,7 @@ class MoE(keras.layers.Layer):
             dispatch_lib.resolve_dispatch(self.dispatch)
         ]
         expert_outputs = self.experts(dispatch(groups, routing), training=training)
-        outputs = combine(expert_outputs, routing)  # [G, S, d]
-        outputs = ops.reshape(outputs, (-1, self.feature_dim))[: ops.shape(tokens)[0]]
-        if routing.aux_losses:
-            self.add_loss(ops.sum(ops.stack(list(routing.aux_losses.values()))))
-        for name, value in metrics.routing_stats(routing).items():
-            self._stat_variables[name].assign(ops.cast(value, "float32"))
-        return ops.reshape(ops.cast(outputs, self.compute_dtype), ops.shape(inputs))
-
-    @property
-    def last_routing_stats(self):
-        """dict name -> numpy value of the last call's routing statistics
-        (see `tf_moe.metrics.routing_stats`); empty before the layer is built."""
-        return {
-            name: ops.convert_to_numpy(variable)
-            for name, variable in getattr(self, "_stat_variables", {}).items()
-        }
-
-    def compute_output_shape(self, input_shape):
-        return input_shape
+        return combine(expert_outputs, routing), metrics.routing_stats(routing)
 
     def get_config(self):
         config = super().get_config()
@@ -253,7 +303,6 @@ class MoE(keras.layers.Layer):
                 "capacity_factor": self.capacity_factor,
                 "eval_capacity_factor": self.eval_capacity_factor,
                 "min_capacity": self.min_capacity,
-                "group_size": self.group_size,
                 "dispatch": self.dispatch,
                 "expert_kernel_initializer": (
                     None

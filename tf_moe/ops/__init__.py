@@ -9,4 +9,6 @@ from tf_moe.ops.dispatch import (
     gather_dispatch,
     slot_mask,
     slot_owner,
+    slot_weight,
+    resolve_dispatch,
 )

@@ -65,30 +65,47 @@ def _flat_slot(routing):
     return ops.where(routing.dispatch_mask, slot, num_groups * slots_per_group)
 
 
+def _scatter_to_slots(routing, values):
+    """[G * E * C] buffer holding `values` [G, S, k] of routed choices at their
+    slots, 0 in empty slots."""
+    num_groups = ops.shape(routing.expert_index)[0]
+    num_slots = num_groups * routing.num_experts * routing.capacity
+    values = ops.where(routing.dispatch_mask, values, ops.zeros_like(values))
+    # Routed choices own distinct slots; the rest all land in one extra slot
+    # at the end (sliced off), so the scatter-add never mixes two choices.
+    return ops.scatter(
+        ops.reshape(_flat_slot(routing), (-1, 1)),
+        ops.reshape(values, (-1,)),
+        (num_slots + 1,),
+    )[:num_slots]
+
+
+def _to_expert_major(flat_slots, routing):
+    """[G * E * C] -> [E, G, C]."""
+    slots = ops.reshape(flat_slots, (-1, routing.num_experts, routing.capacity))
+    return ops.transpose(slots, (1, 0, 2))
+
+
 def slot_owner(routing):
     """<int32>[G * E * C] flat token index (g * S + s) filling each slot; G * S
     for empty slots."""
-    num_groups, group_size, k = ops.shape(routing.expert_index)
-    num_slots = num_groups * routing.num_experts * routing.capacity
+    num_groups, group_size, _ = ops.shape(routing.expert_index)
     token = ops.arange(num_groups * group_size, dtype="int32")
     token = ops.reshape(token, (num_groups, group_size, 1))  # [G, S, 1]
-    owner_plus_one = ops.where(routing.dispatch_mask, token + 1, 0)  # [G, S, k]
-    # Routed choices own distinct slots; the rest all land in the extra slot
-    # at the end (sliced off), so the scatter-add below never mixes tokens.
-    owner_plus_one = ops.scatter(
-        ops.reshape(_flat_slot(routing), (-1, 1)),
-        ops.reshape(owner_plus_one, (-1,)),
-        (num_slots + 1,),
-    )[:num_slots]
+    token = token + ops.zeros_like(routing.expert_index)  # [G, S, k]
+    owner_plus_one = _scatter_to_slots(routing, token + 1)
     return ops.where(owner_plus_one > 0, owner_plus_one - 1, num_groups * group_size)
 
 
 def slot_mask(routing):
     """<bool>[E, G, C]: slots that hold a token."""
-    num_groups, group_size, _ = ops.shape(routing.expert_index)
-    filled = slot_owner(routing) < num_groups * group_size
-    filled = ops.reshape(filled, (-1, routing.num_experts, routing.capacity))
-    return ops.transpose(filled, (1, 0, 2))
+    filled = _scatter_to_slots(routing, ops.ones_like(routing.expert_index)) > 0
+    return _to_expert_major(filled, routing)
+
+
+def slot_weight(routing):
+    """<float32>[E, G, C]: combine weight of the choice in each slot (0 if empty)."""
+    return _to_expert_major(_scatter_to_slots(routing, routing.combine_weight), routing)
 
 
 def gather_dispatch(x, routing):

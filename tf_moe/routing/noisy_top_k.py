@@ -61,6 +61,45 @@ def noisy_top_k_gates(clean_logits, noise_stddev, noise, k):
     return expert_index, gates, dense_gates, load_probs
 
 
+
+def noisy_top_k_routing(clean_logits, noise_stddev, noise, k, capacity, token_mask):
+    """Noisy top-k gates placed into expert buffers of `capacity` slots.
+
+    Args:
+        clean_logits, noise_stddev, noise, k: as for `noisy_top_k_gates`.
+        capacity: int, C.
+        token_mask: <bool>[G, S] real tokens.
+
+    Returns:
+        (routing, dense_gates <float32>[G, S, E], load_probs <float32>[G, S, E]):
+        a `Routing` without auxiliary losses, plus the inputs of the importance
+        and load losses.
+    """
+    expert_index, gates, dense_gates, load_probs = noisy_top_k_gates(
+        clean_logits, noise_stddev, noise, k
+    )
+    expert_index = ops.cast(expert_index, "int32")
+    num_experts = clean_logits.shape[-1]
+    # Shape: [G, S, k]
+    requested = ops.logical_and(
+        token_mask[..., None], ops.ones_like(expert_index, dtype="bool")
+    )
+    position = capacity_lib.assign_positions(expert_index, requested, num_experts)
+    kept = capacity_lib.apply_capacity(position, requested, capacity)
+    routing = Routing(
+        expert_index=expert_index,
+        position=position,
+        dispatch_mask=kept,
+        combine_weight=ops.where(kept, gates, 0.0),
+        requested_mask=requested,
+        token_mask=token_mask,
+        router_probs=ops.softmax(clean_logits, axis=-1),
+        aux_losses={},
+        num_experts=num_experts,
+        capacity=capacity,
+    )
+    return routing, dense_gates, load_probs
+
 @keras.saving.register_keras_serializable(package="tf_moe")
 class NoisyTopKRouter(Router):
     """Shazeer et al. 2017 noisy top-k gating, with importance and load losses.
@@ -129,16 +168,9 @@ class NoisyTopKRouter(Router):
                 + self.noise_epsilon
             )
             noise = keras.random.normal(ops.shape(logits), seed=self.seed_generator)
-        expert_index, gates, dense_gates, load_probs = noisy_top_k_gates(
-            logits, noise_stddev, noise, self.k
+        routing, dense_gates, load_probs = noisy_top_k_routing(
+            logits, noise_stddev, noise, self.k, capacity, token_mask
         )
-        requested = ops.logical_and(
-            token_mask[..., None], ops.ones_like(expert_index, dtype="bool")
-        )  # [G, S, k]
-        position = capacity_lib.assign_positions(
-            expert_index, requested, self.num_experts
-        )
-        kept = capacity_lib.apply_capacity(position, requested, capacity)
         aux_losses = {}
         if self.importance_loss_weight > 0:
             aux_losses["importance_loss"] = self.importance_loss_weight * (
@@ -148,18 +180,7 @@ class NoisyTopKRouter(Router):
             aux_losses["load_loss"] = self.load_loss_weight * losses.load_loss(
                 load_probs, token_mask
             )
-        return Routing(
-            expert_index=expert_index,
-            position=position,
-            dispatch_mask=kept,
-            combine_weight=ops.where(kept, gates, 0.0),
-            requested_mask=requested,
-            token_mask=token_mask,
-            router_probs=ops.softmax(logits, axis=-1),
-            aux_losses=aux_losses,
-            num_experts=self.num_experts,
-            capacity=capacity,
-        )
+        return routing._replace(aux_losses=aux_losses)
 
     @property
     def loss_names(self):
