@@ -45,7 +45,11 @@ def noisy_top_k_gates(clean_logits, noise_stddev, noise, k):
     # experts already in the top k.
     top_values, top_index = ops.top_k(noisy, min(k + 1, num_experts))
     expert_index = top_index[..., :k]  # [G, S, k]
-    gates = ops.softmax(top_values[..., :k], axis=-1)  # [G, S, k]
+    # Shape: [G, S, k]; softmax over one value is 1 (said without a warning).
+    if k == 1:
+        gates = ops.ones_like(top_values[..., :1])
+    else:
+        gates = ops.softmax(top_values[..., :k], axis=-1)
     # Shape: [G, S, E]
     dense_gates = ops.einsum(
         "gske,gsk->gse", ops.one_hot(expert_index, num_experts), gates
