@@ -51,6 +51,9 @@ def top_k_routing(
     num_experts = router_probs.shape[-1]
     weights, expert_index = ops.top_k(router_probs, k)  # [G, S, k]
     expert_index = ops.cast(expert_index, "int32")
+    # Batch-prioritized routing orders by top-1 probability, before any
+    # renormalization of the kept weights.
+    priority = weights[..., 0] if batch_prioritized else None
     if normalize_weights:
         weights = weights / ops.sum(weights, axis=-1, keepdims=True)
     # Shape: [G, S, k]
@@ -60,7 +63,6 @@ def top_k_routing(
     if keep_second is not None:
         keep = ops.stack([ops.ones_like(keep_second), keep_second], axis=-1)
         requested = ops.logical_and(requested, keep)
-    priority = weights[..., 0] if batch_prioritized else None
     position = capacity_lib.assign_positions(
         expert_index, requested, num_experts, priority
     )
