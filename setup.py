@@ -14,8 +14,18 @@ setup(
         "keras>=3.15,<4",
         "tensorflow-text==2.21.*",
         "tensorflow-datasets",
+        # tensorflow-datasets 4.9.x imports it on every Python but declares it
+        # only for Python < 3.9.
+        "importlib_resources",
+        # SentencePiece trainer for the tf_moe.data tokenizers.
+        "sentencepiece",
         "absl-py",
         "numpy",
+        # Trainers: TensorBoard summaries (tf 2.21 no longer pulls it in),
+        # --config files and overrides, BLEU.
+        "tensorboard",
+        "ml-collections",
+        "sacrebleu",
     ],
     extras_require={
         "test": ["jax[cpu]"],

@@ -181,6 +181,12 @@ class HierarchicalMoE(GroupedMoELayer):
             names += ["load_loss", "hierarchical_load_loss"]
         return tuple(names)
 
+    @property
+    def active_expert_fraction(self):
+        return (self.primary_k * self.secondary_k) / (
+            self.num_groups * self.experts_per_group
+        )
+
     def stat_shapes(self):
         shapes = {"expert_load": (self.num_groups,)}
         names = metrics.SCALAR_STATS + ("secondary_dropped_fraction",) + self.loss_names

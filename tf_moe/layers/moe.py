@@ -124,6 +124,11 @@ class GroupedMoELayer(keras.layers.Layer):
         """Names of the auxiliary losses this layer adds."""
         raise NotImplementedError
 
+    @property
+    def active_expert_fraction(self):
+        """Fraction of the expert parameters one token uses."""
+        raise NotImplementedError
+
     def call(self, inputs, training=None):
         if len(inputs.shape) not in (2, 3) or inputs.shape[-1] != self.feature_dim:
             raise ValueError(
@@ -267,6 +272,12 @@ class MoE(GroupedMoELayer):
     @property
     def loss_names(self):
         return self.router.loss_names
+
+    @property
+    def active_expert_fraction(self):
+        """Fraction of the expert parameters a token uses (training capacity)."""
+        experts = self.router.experts_per_token(self.capacity_factor)
+        return min(1.0, experts / self.num_experts)
 
     def capacity(self, group_size, training):
         """Slots per expert per group for a group of `group_size` tokens."""

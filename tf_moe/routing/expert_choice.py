@@ -76,6 +76,12 @@ class ExpertChoiceRouter(Router):
             num_experts=num_experts, kernel_initializer=kernel_initializer, **kwargs
         )
 
+    def experts_per_token(self, capacity_factor):
+        """c experts per token on average; all E with no capacity limit."""
+        if capacity_factor is None:
+            return self.num_experts
+        return min(float(capacity_factor), self.num_experts)
+
     def _route(self, x, logits, capacity, token_mask, training):
         router_probs = ops.softmax(logits, axis=-1)  # [G, S, E]
         position, chosen, weights = expert_choice_routing(

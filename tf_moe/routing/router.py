@@ -189,6 +189,11 @@ class Router(keras.layers.Layer):
     def _route(self, x, logits, capacity, token_mask, training):
         raise NotImplementedError
 
+    def experts_per_token(self, capacity_factor):
+        """Average number of experts that process a token (for active
+        parameter counts): k for token choice."""
+        return self.choices_per_token
+
     @property
     def loss_names(self):
         """Names of the losses `route()` returns in `Routing.aux_losses`."""

@@ -1,0 +1,3 @@
+"""Reference models built from tf_moe layers."""
+
+from tf_moe.models.lstm_moe import build_lstm_moe, moe_layer_from_config

@@ -1,0 +1,75 @@
+"""The LSTM-MoE language model of Shazeer et al. 2017 (appendix C.1).
+
+embedding -> LSTM -> MoE -> LSTM -> softmax, every width d. For every layer but
+the softmax, dropout is applied to the layer output and the layer input is
+added back (residual). The MoE output passes through a sigmoid before dropout.
+The MoE is flat (noisy top-k over E experts) or hierarchical (appendix B).
+
+Shape letters: B batch, L length, d model dim, V vocabulary.
+"""
+
+import keras
+
+from tf_moe.layers import HierarchicalMoE, MoE
+from tf_moe.routing import NoisyTopKRouter
+
+
+def moe_layer_from_config(model, name="moe"):
+    """The MoE layer a model config describes (flat or hierarchical)."""
+    common = dict(
+        expert_hidden_dim=model.expert_hidden_dim,
+        expert_activation=model.get("expert_activation", "relu"),
+        capacity_factor=model.capacity_factor,
+        eval_capacity_factor=model.eval_capacity_factor,
+        group_size=model.group_size,
+        dispatch=model.get("dispatch", "auto"),
+        name=name,
+    )
+    if model.get("hierarchical", False):
+        return HierarchicalMoE(
+            num_groups=model.num_groups,
+            experts_per_group=model.experts_per_group,
+            primary_k=model.primary_k,
+            secondary_k=model.secondary_k,
+            importance_loss_weight=model.importance_loss_weight,
+            load_loss_weight=model.load_loss_weight,
+            **common,
+        )
+    router = NoisyTopKRouter(
+        k=model.k,
+        importance_loss_weight=model.importance_loss_weight,
+        load_loss_weight=model.load_loss_weight,
+    )
+    return MoE(num_experts=model.num_experts, router=router, **common)
+
+
+def build_lstm_moe(vocab_size, sequence_length, model):
+    """Builds the (uncompiled) LSTM-MoE language model.
+
+    Args:
+        vocab_size: int, V.
+        sequence_length: int, L (static, so routing groups are static).
+        model: ConfigDict with d (`dim`), `dropout`, `residual`,
+            `moe_sigmoid`, and the MoE fields read by `moe_layer_from_config`.
+
+    Returns:
+        keras.Model: int tokens [B, L] -> logits [B, L, V].
+    """
+    tokens = keras.Input((sequence_length,), dtype="int32", name="tokens")
+    x = keras.layers.Embedding(vocab_size, model.dim, name="embedding")(tokens)
+    x = keras.layers.Dropout(model.dropout, name="embedding_dropout")(x)
+
+    def sublayer(layer, x, name):
+        y = keras.layers.Dropout(model.dropout, name=f"{name}_dropout")(layer(x))
+        return keras.layers.Add(name=f"{name}_residual")([x, y]) if model.residual else y
+
+    x = sublayer(keras.layers.LSTM(model.dim, return_sequences=True, name="lstm_1"), x, "lstm_1")
+    moe = moe_layer_from_config(model)
+    if model.moe_sigmoid:
+        moe_block = lambda h: keras.layers.Activation("sigmoid", name="moe_sigmoid")(moe(h))
+    else:
+        moe_block = moe
+    x = sublayer(moe_block, x, "moe")
+    x = sublayer(keras.layers.LSTM(model.dim, return_sequences=True, name="lstm_2"), x, "lstm_2")
+    logits = keras.layers.Dense(vocab_size, name="softmax")(x)  # [B, L, V]
+    return keras.Model(tokens, logits, name="lstm_moe")

@@ -1,0 +1,1 @@
+"""absl-flag trainers for the LSTM-MoE and Transformer-MoE recipes."""

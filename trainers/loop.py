@@ -1,0 +1,258 @@
+"""The training loop both trainers share: `model.fit` in checkpoint-sized
+epochs, automatic resume, TensorBoard, throughput, and the final summary.
+
+Workdir layout:
+    <workdir>/config.json        the resolved config of the run
+    <workdir>/checkpoints/       ckpt-<step>/ (see trainers/checkpoint.py)
+    <workdir>/tensorboard/       scalars (loss, perplexity, aux losses, routing
+                                 stats, tokens/s) and the expert-load heatmap
+    <workdir>/summary.json       final metrics
+"""
+
+import json
+import math
+import os
+import time
+
+import keras
+import numpy as np
+
+import tf_moe
+from trainers.checkpoint import CheckpointManager
+
+
+class Perplexity(keras.metrics.Metric):
+    """exp(mean token cross-entropy) of integer targets and logits, ignoring
+    targets equal to `ignore_id` (padding)."""
+
+    def __init__(self, ignore_id=None, name="perplexity", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.ignore_id = ignore_id
+        self.total = self.add_variable(shape=(), initializer="zeros", name="total")
+        self.count = self.add_variable(shape=(), initializer="zeros", name="count")
+
+    def update_state(self, y_true, y_pred, sample_weight=None):
+        y_true = keras.ops.cast(y_true, "int32")
+        ce = keras.losses.sparse_categorical_crossentropy(y_true, y_pred, from_logits=True)
+        weight = keras.ops.ones_like(ce)
+        if self.ignore_id is not None:
+            weight = keras.ops.cast(keras.ops.not_equal(y_true, self.ignore_id), ce.dtype)
+        if sample_weight is not None:
+            weight = weight * keras.ops.cast(sample_weight, ce.dtype)
+        self.total.assign_add(keras.ops.sum(ce * weight))
+        self.count.assign_add(keras.ops.sum(weight))
+
+    def result(self):
+        return keras.ops.exp(self.total / keras.ops.maximum(self.count, 1.0))
+
+    def get_config(self):
+        return {**super().get_config(), "ignore_id": self.ignore_id}
+
+
+class Throughput(keras.callbacks.Callback):
+    """Adds `tokens_per_sec` (over the last `window` steps) to the logs."""
+
+    def __init__(self, tokens_per_step, window=20):
+        super().__init__()
+        self.tokens_per_step = tokens_per_step
+        self.window = window
+        self.times = []
+        self.total_tokens = 0
+        self.total_seconds = 0.0
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, batch, logs=None):
+        now = time.perf_counter()
+        self.times = (self.times + [now])[-self.window :]
+        self.total_seconds += now - self._start
+        self.total_tokens += self.tokens_per_step
+        if logs is not None and len(self.times) > 1:
+            seconds = self.times[-1] - self.times[0]
+            logs["tokens_per_sec"] = self.tokens_per_step * (len(self.times) - 1) / seconds
+
+    @property
+    def mean_tokens_per_sec(self):
+        return self.total_tokens / max(self.total_seconds, 1e-9)
+
+
+class Checkpointing(keras.callbacks.Callback):
+    """Saves a checkpoint at the end of every (checkpoint-sized) epoch."""
+
+    def __init__(self, manager):
+        super().__init__()
+        self.manager = manager
+
+    def on_epoch_end(self, epoch, logs=None):
+        model = self.model  # syncs JAX state into the variables
+        self.manager.save(int(model.optimizer.iterations), model)
+
+
+class ExpertLoadHeatmap(keras.callbacks.Callback):
+    """Writes an image [MoE layers x experts] of expert load to TensorBoard at
+    every epoch end (white = E times the uniform share or more)."""
+
+    def __init__(self, log_dir):
+        super().__init__()
+        self.log_dir = log_dir
+        self._writer = None
+
+    def on_epoch_end(self, epoch, logs=None):
+        import tensorflow as tf
+
+        loads = [
+            layer.last_routing_stats["expert_load"]
+            for layer in tf_moe.metrics.moe_layers(self.model)
+        ]
+        if not loads:
+            return
+        width = max(len(load) for load in loads)
+        image = np.zeros((len(loads), width), np.float32)
+        for row, load in enumerate(loads):
+            image[row, : len(load)] = load * len(load) / 2.0  # 0.5 gray = uniform
+        image = np.clip(image, 0.0, 1.0)
+        # Shape: [1, layers * 16, experts * 16, 1], each cell 16x16 pixels.
+        image = np.kron(image, np.ones((16, 16), np.float32))[None, :, :, None]
+        if self._writer is None:
+            self._writer = tf.summary.create_file_writer(os.path.join(self.log_dir, "images"))
+        with self._writer.as_default():
+            tf.summary.image("expert_load", image, step=int(self.model.optimizer.iterations))
+        self._writer.flush()
+
+
+def parameter_counts(model):
+    """(total parameters, parameters active per token)."""
+    total = sum(int(np.prod(v.shape)) for v in model.trainable_variables)
+    inactive = 0
+    for layer in tf_moe.metrics.moe_layers(model):
+        experts = sum(int(np.prod(v.shape)) for v in layer.experts.trainable_variables)
+        inactive += experts * (1.0 - layer.active_expert_fraction)
+    return total, int(round(total - inactive))
+
+
+def check_train_config(train):
+    for name in ("steps", "checkpoint_every", "batch_size"):
+        value = train[name]
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"`train.{name}` must be an integer >= 1. Received: {value!r}")
+    if train.steps % train.checkpoint_every:
+        raise ValueError(
+            "`train.steps` must be a multiple of `train.checkpoint_every` (training "
+            "runs in checkpoint-sized epochs). Received: "
+            f"train.steps={train.steps}, train.checkpoint_every={train.checkpoint_every}"
+        )
+
+
+def fit(model, make_train_data, config, workdir, tokens_per_step, validation_data=None,
+        verbose="auto"):
+    """Trains `model` to `config.train.steps`, resuming from `workdir`.
+
+    Args:
+        model: a compiled Keras model.
+        make_train_data: fn(start_step) -> infinite dataset positioned at
+            `start_step` batches (deterministic for a fixed seed).
+        config: the run's ConfigDict (uses `config.train`).
+        workdir: str.
+        tokens_per_step: int, for tokens/s.
+        validation_data: dataset evaluated at every checkpoint, or None.
+
+    Returns:
+        dict with "start_step", "final_step", "tokens_per_sec", "history".
+    """
+    train = config.train
+    check_train_config(train)
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(config.to_json(indent=2))
+    manager = CheckpointManager(os.path.join(workdir, "checkpoints"), keep=train.get("keep_checkpoints", 3))
+    model.optimizer.build(model.trainable_variables)
+    start = manager.restore_latest(model)
+    if start:
+        print(f"Resuming from step {start} ({manager.path(start)})", flush=True)
+    throughput = Throughput(tokens_per_step)
+    tb_dir = os.path.join(workdir, "tensorboard")
+    callbacks = [
+        throughput,
+        tf_moe.metrics.RoutingStatsLogger(),
+        Checkpointing(manager),
+        ExpertLoadHeatmap(tb_dir),
+        keras.callbacks.TensorBoard(tb_dir, update_freq=train.get("log_every", 50)),
+    ]
+    history = {}
+    if start < train.steps:
+        result = model.fit(
+            make_train_data(start),
+            steps_per_epoch=train.checkpoint_every,
+            epochs=train.steps // train.checkpoint_every,
+            initial_epoch=start // train.checkpoint_every,
+            validation_data=validation_data,
+            callbacks=callbacks,
+            verbose=verbose,
+        )
+        history = result.history
+    return {
+        "start_step": start,
+        "final_step": int(model.optimizer.iterations),
+        "tokens_per_sec": throughput.mean_tokens_per_sec if throughput.total_tokens else None,
+        "history": history,
+    }
+
+
+def write_summary(workdir, summary):
+    """Prints `summary` as a table and writes it to <workdir>/summary.json."""
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2, default=float)
+    width = max(len(k) for k in summary)
+    print("\n== summary ==")
+    for key, value in summary.items():
+        if isinstance(value, float):
+            value = f"{value:.4g}" if math.isfinite(value) else str(value)
+        print(f"{key:<{width}}  {value}")
+
+
+def make_strategy(tpu):
+    """The distribution strategy for `--tpu` (TF backend), else None.
+
+    TF: TPUClusterResolver + TPUStrategy. JAX on a TPU VM finds the TPU by
+    itself, so `--tpu` is refused there.
+    """
+    if not tpu:
+        return None
+    if keras.backend.backend() != "tensorflow":
+        raise ValueError(
+            "`--tpu` is for the TensorFlow backend (TPUStrategy); with "
+            f"KERAS_BACKEND={keras.backend.backend()} on a TPU VM, omit it. "
+            f"Received: --tpu={tpu!r}"
+        )
+    import tensorflow as tf
+
+    resolver = tf.distribute.cluster_resolver.TPUClusterResolver(
+        tpu="" if tpu == "local" else tpu
+    )
+    tf.config.experimental_connect_to_cluster(resolver)
+    tf.tpu.experimental.initialize_tpu_system(resolver)
+    return tf.distribute.TPUStrategy(resolver)
+
+
+def make_optimizer(train):
+    """Adam with linear warmup to `train.learning_rate`, then cosine decay."""
+    schedule = keras.optimizers.schedules.CosineDecay(
+        initial_learning_rate=0.0,
+        warmup_target=train.learning_rate,
+        warmup_steps=train.warmup_steps,
+        decay_steps=max(1, train.steps - train.warmup_steps),
+        alpha=0.1,
+    )
+    return keras.optimizers.Adam(schedule, clipnorm=train.get("clipnorm", 1.0))
+
+
+def unigram_perplexity(train_counts, test_tokens):
+    """Perplexity of an add-one-smoothed unigram model.
+
+    Args:
+        train_counts: int array [V] of token counts in the training split.
+        test_tokens: int array of evaluated tokens.
+    """
+    probs = (train_counts + 1.0) / (train_counts.sum() + len(train_counts))
+    return float(np.exp(-np.mean(np.log(probs[test_tokens]))))
