@@ -1,0 +1,100 @@
+"""Extractors for the Debian packages the built-in corpora are made from.
+
+Owns: the list of sources of each corpus. Each source names the Debian
+packages it reads and a `read(roots)` function, where `roots` maps each
+package name to the folder its .deb was unpacked into (`dpkg-deb -x`), and
+yields cleaned texts (English) or (english, german) pairs (parallel).
+Does not own: fetching packages (`tf_moe.data.debian`), deduplication and
+splitting (`tf_moe.data.corpus`).
+"""
+
+import functools
+from typing import Callable, NamedTuple, Tuple
+
+from tf_moe.data.sources import gcide
+from tf_moe.data.sources import gettext_catalogs
+from tf_moe.data.sources import janeausten
+from tf_moe.data.sources import libreoffice_help
+from tf_moe.data.sources import sphinx_html
+from tf_moe.data.sources import sword
+
+
+class Source(NamedTuple):
+    """One corpus source.
+
+    Attributes:
+        name: short name used in statistics.
+        packages: Debian package names it reads.
+        read: `read(roots) -> Iterator`, `roots` a dict package -> folder.
+        licence: licence of the text, for the documentation and metadata.
+    """
+
+    name: str
+    packages: Tuple[str, ...]
+    read: Callable
+    licence: str
+
+
+def _single(function, package):
+    return lambda roots: function(roots[package])
+
+
+def _help_pairs(roots, language):
+    return libreoffice_help.paragraph_pairs(
+        roots[libreoffice_help.ENGLISH_PACKAGE],
+        roots[libreoffice_help.package_for(language)],
+        language,
+    )
+
+
+def _ui_pairs(roots, language):
+    return gettext_catalogs.ui_string_pairs(
+        roots[gettext_catalogs.package_for(language)], language
+    )
+
+
+ENGLISH_SOURCES = (
+    Source("gcide", (gcide.PACKAGE,), _single(gcide.paragraphs, gcide.PACKAGE), "GPL-2+"),
+    Source(
+        "linux_doc",
+        (sphinx_html.LINUX_DOC.package,),
+        _single(sphinx_html.LINUX_DOC.paragraphs, sphinx_html.LINUX_DOC.package),
+        "GPL-2",
+    ),
+    Source(
+        "python_doc",
+        (sphinx_html.PYTHON_DOC.package,),
+        _single(sphinx_html.PYTHON_DOC.paragraphs, sphinx_html.PYTHON_DOC.package),
+        "PSF-2.0",
+    ),
+    Source(
+        "austen",
+        (janeausten.PACKAGE,),
+        _single(janeausten.paragraphs, janeausten.PACKAGE),
+        "MIT (novels in the public domain)",
+    ),
+    Source("web_bible", (sword.PACKAGE,), _single(sword.paragraphs, sword.PACKAGE), "public domain"),
+)
+
+
+def parallel_sources(language):
+    """Sources of (english, `language`) pairs, e.g. language="de"."""
+    return (
+        Source(
+            "libreoffice_help",
+            (libreoffice_help.ENGLISH_PACKAGE, libreoffice_help.package_for(language)),
+            functools.partial(_help_pairs, language=language),
+            "MPL-2.0",
+        ),
+        Source(
+            "libreoffice_ui",
+            (gettext_catalogs.package_for(language),),
+            functools.partial(_ui_pairs, language=language),
+            "MPL-2.0",
+        ),
+    )
+
+
+def packages_of(sources):
+    """Sorted, unique package names that `sources` read."""
+    return sorted({package for source in sources for package in source.packages})
