@@ -1,12 +1,17 @@
 # tf_moe build / test entry points.
 #   make venv   - create .venv and install tf_moe[test] (editable)
 #   make bazel  - install Debian's bazel-bootstrap (Bazel 4.2.3) if missing
-#   make test   - bazel test //tests/... with .venv/bin first on PATH
-#   make train  - python -m tf_moe.demo
+#   make test   - bazel test //tests/... with .venv/bin first on PATH (builds the
+#                 custom-call libraries in tf_moe/ops/cc against .venv's TensorFlow)
+#   make train  - the main job: build the English corpus if missing, train the
+#                 tiny LSTM-MoE (trainers/lstm_moe.py), print test perplexity
+#   make demo   - python -m tf_moe.demo (synthetic task, about 15 s)
 #   make clean  - remove Bazel outputs and Python build artifacts
 #
 # Variables: TARGETS (default //tests/...), BAZEL_ARGS (extra bazel test args),
-# ALLOW_NO_TESTS (1: zero test targets is a warning, not an error), ARGS (train).
+# ALLOW_NO_TESTS (1: zero test targets is a warning, not an error), ARGS (extra
+# flags for train/demo), WORKDIR (train's checkpoints/TensorBoard/summary),
+# DATA_DIR (tfds data_dir of the corpus and tokenizer).
 
 SHELL := /bin/bash
 .DEFAULT_GOAL := test
@@ -19,11 +24,15 @@ STAMP := $(VENV)/.installed
 BAZEL ?= bazel
 TARGETS ?= //tests/...
 BAZEL_ARGS ?=
-ALLOW_NO_TESTS ?= 1
+WORKDIR ?= runs/lstm_moe_tiny
+DATA_DIR ?= $(HOME)/tensorflow_datasets
+ALLOW_NO_TESTS ?= 0
 ARGS ?=
+WORKDIR ?= runs/lstm_moe_tiny
+DATA_DIR ?= $(HOME)/tensorflow_datasets
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: venv bazel test train clean distclean
+.PHONY: venv bazel test train demo clean distclean
 
 venv: $(STAMP)
 
@@ -54,6 +63,7 @@ test: venv bazel
 	@rc=0; \
 	PATH="$(VENV_BIN):$$PATH" $(BAZEL) test \
 	  --test_env=TF_MOE_VENV_STAMP="$$(stat -c %Y $(STAMP))" \
+	  --repo_env=TF_MOE_PYTHON="$(PY)" \
 	  $(BAZEL_ARGS) -- $(TARGETS) || rc=$$?; \
 	if [ $$rc -eq 4 ]; then \
 	  echo "WARNING: no test targets found in $(TARGETS)"; \
@@ -61,7 +71,12 @@ test: venv bazel
 	fi; \
 	exit $$rc
 
+# Resumes from the newest checkpoint in $(WORKDIR); remove it to start over.
 train: venv
+	$(PY) -m trainers.lstm_moe --config=configs/lstm_moe_tiny.py \
+	  --workdir=$(WORKDIR) --config.data.data_dir=$(DATA_DIR) $(ARGS)
+
+demo: venv
 	$(PY) -m tf_moe.demo $(ARGS)
 
 clean:

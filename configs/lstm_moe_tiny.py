@@ -13,7 +13,7 @@ def get_config():
     config.data = config_dict.ConfigDict(dict(
         corpus="tf_moe_lm_en",     # or "lm1b" when a data_dir holds it
         data_dir=config_dict.placeholder(str),  # default: ~/tensorflow_datasets
-        vocab_size=8192,
+        vocab_size=8000,
         sequence_length=64,
         eval_batches=50,           # validation/test batches for perplexity (0: all)
     ))

@@ -1,0 +1,58 @@
+"""Every LSTM-MoE config loads, passes the trainer's checks, and builds its
+model (at reduced width, so the test stays small)."""
+
+import keras
+import numpy as np
+from absl.testing import absltest, parameterized
+
+from configs import lstm_moe_1b_word, lstm_moe_flat, lstm_moe_tiny
+from tf_moe.models import build_lstm_moe
+from trainers import loop
+
+CONFIGS = [("tiny", lstm_moe_tiny.get_config())]
+CONFIGS += [(f"flat_{e}", lstm_moe_flat.get_config(str(e))) for e in lstm_moe_flat.NUM_EXPERTS]
+CONFIGS += [
+    (f"1b_word_{size}", lstm_moe_1b_word.get_config(size))
+    for size in list(lstm_moe_1b_word.FLAT) + list(lstm_moe_1b_word.HIERARCHICAL)
+]
+
+
+class LstmMoeConfigsTest(parameterized.TestCase):
+    @parameterized.named_parameters(CONFIGS)
+    def test_config_builds_a_model_with_the_configured_experts(self, config):
+        loop.check_train_config(config.train)
+        m = config.model
+        m.dim, m.expert_hidden_dim = 8, 8  # the experts count is what matters
+        model = build_lstm_moe(50, 6, m)
+        moe = model.get_layer("moe")
+        if m.hierarchical:
+            self.assertEqual(
+                moe.experts.num_experts, m.num_groups * m.experts_per_group
+            )
+            expected_fraction = m.primary_k * m.secondary_k / moe.experts.num_experts
+        else:
+            self.assertEqual(moe.num_experts, m.num_experts)
+            self.assertEqual(moe.router.k, m.k)
+            expected_fraction = m.k / m.num_experts
+        self.assertAlmostEqual(moe.active_expert_fraction, expected_fraction)
+        logits = model(np.zeros((2, 6), "int32"))
+        self.assertEqual(tuple(logits.shape), (2, 6, 50))
+
+    def test_flat_family_has_fixed_active_expert_parameters(self):
+        active = set()
+        for e in lstm_moe_flat.NUM_EXPERTS:
+            m = lstm_moe_flat.get_config(str(e)).model
+            active.add(m.k * m.expert_hidden_dim * m.dim)
+        self.assertLen(active, 1)
+
+    @parameterized.parameters(
+        (lstm_moe_flat.get_config, "3", "num_experts"),
+        (lstm_moe_1b_word.get_config, "77", "size"),
+    )
+    def test_bad_config_argument(self, get_config, argument, name):
+        with self.assertRaisesRegex(ValueError, name):
+            get_config(argument)
+
+
+if __name__ == "__main__":
+    absltest.main()
