@@ -36,7 +36,7 @@ def get_config():
     ))
     config.train = config_dict.ConfigDict(dict(
         batch_size=32,
-        steps=600,
+        steps=400,
         checkpoint_every=100,
         keep_checkpoints=3,
         learning_rate=2e-3,
