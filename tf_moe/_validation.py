@@ -39,3 +39,9 @@ def check_capacity_factor(name, value):
             f"`{name}` must be a number > 0, or None for no token dropping. "
             f"Received: {name}={value!r}"
         )
+
+
+def check_fraction(name, value):
+    """A probability such as a dropout rate: a number in [0, 1)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        raise ValueError(f"`{name}` must be a number in [0, 1). Received: {name}={value!r}")

@@ -10,7 +10,7 @@ Shape letters: E experts, G groups, C capacity, d model dim, h hidden dim.
 import keras
 from keras import ops
 
-from tf_moe._validation import check_choice, check_positive_int
+from tf_moe._validation import check_choice, check_fraction, check_positive_int
 
 PLAIN_ACTIVATIONS = {
     "relu": ops.relu,
@@ -69,8 +69,7 @@ class Experts(keras.layers.Layer):
         check_positive_int("num_experts", num_experts)
         check_positive_int("hidden_dim", hidden_dim)
         check_choice("activation", activation, EXPERT_ACTIVATIONS)
-        if isinstance(dropout, bool) or not 0 <= dropout < 1:
-            raise ValueError(f"`dropout` must be in [0, 1). Received: dropout={dropout!r}")
+        check_fraction("dropout", dropout)
         self.num_experts = num_experts
         self.hidden_dim = hidden_dim
         self.activation = activation

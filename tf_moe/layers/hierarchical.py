@@ -19,6 +19,7 @@ from tf_moe import metrics
 from tf_moe._validation import (
     check_capacity_factor,
     check_choice,
+    check_fraction,
     check_k,
     check_non_negative,
     check_positive_int,
@@ -122,6 +123,7 @@ class HierarchicalMoE(GroupedMoELayer):
         check_k(primary_k, num_groups)
         check_k(secondary_k, experts_per_group)
         check_choice("expert_activation", expert_activation, EXPERT_ACTIVATIONS)
+        check_fraction("expert_dropout", expert_dropout)
         check_capacity_factor("capacity_factor", capacity_factor)
         check_capacity_factor("eval_capacity_factor", eval_capacity_factor)
         check_positive_int("min_capacity", min_capacity)
@@ -152,6 +154,7 @@ class HierarchicalMoE(GroupedMoELayer):
             activation=expert_activation,
             use_bias=expert_use_bias,
             dropout=expert_dropout,
+            dtype=self.dtype_policy,
             name="experts",
         )
 
@@ -170,7 +173,8 @@ class HierarchicalMoE(GroupedMoELayer):
         self.primary_noise_kernel = gate("primary_noise_kernel", (d, a))
         self.secondary_kernel = gate("secondary_kernel", (a, d, b))
         self.secondary_noise_kernel = gate("secondary_noise_kernel", (a, d, b))
-        self.experts.build((a * b, None, None, d))
+        if not self.experts.built:
+            self.experts.build((a * b, None, None, d))
 
     @property
     def loss_names(self):

@@ -20,6 +20,7 @@ from tf_moe import metrics
 from tf_moe._validation import (
     check_capacity_factor,
     check_choice,
+    check_fraction,
     check_k,
     check_positive_int,
 )
@@ -40,6 +41,7 @@ def bind_router(router, num_experts):
             "`router` must be a `tf_moe.routing.Router` (e.g. TopKRouter(k=2)) or "
             f"None. Received: router={router!r}"
         )
+    check_k(router.choices_per_token, num_experts)
     if router.num_experts is None:
         config = router.get_config()
         config["num_experts"] = num_experts
@@ -49,8 +51,14 @@ def bind_router(router, num_experts):
             "`router.num_experts` must equal `num_experts`. Received: "
             f"router.num_experts={router.num_experts}, num_experts={num_experts}"
         )
-    check_k(router.choices_per_token, num_experts)
     return router
+
+
+def _unbuilt(serialized):
+    """A sub-layer's serialized config without its build config, so that it
+    is built by the parent's `build` and its variables keep the parent's path
+    (`moe/router/kernel`) after loading."""
+    return {k: v for k, v in serialized.items() if k != "build_config"}
 
 
 def group_tokens(tokens, group_size):
@@ -234,6 +242,7 @@ class MoE(GroupedMoELayer):
         check_positive_int("num_experts", num_experts)
         check_positive_int("expert_hidden_dim", expert_hidden_dim)
         check_choice("expert_activation", expert_activation, EXPERT_ACTIVATIONS)
+        check_fraction("expert_dropout", expert_dropout)
         check_capacity_factor("capacity_factor", capacity_factor)
         check_capacity_factor("eval_capacity_factor", eval_capacity_factor)
         check_positive_int("min_capacity", min_capacity)
@@ -256,13 +265,17 @@ class MoE(GroupedMoELayer):
             use_bias=expert_use_bias,
             dropout=expert_dropout,
             kernel_initializer=expert_kernel_initializer,
+            dtype=self.dtype_policy,
             name="experts",
         )
 
     def build(self, input_shape):
         super().build(input_shape)
-        self.router.build((None, None, self.feature_dim))
-        self.experts.build((self.num_experts, None, None, self.feature_dim))
+        # Sub-layers deserialized from a built layer's config come built.
+        if not self.router.built:
+            self.router.build((None, None, self.feature_dim))
+        if not self.experts.built:
+            self.experts.build((self.num_experts, None, None, self.feature_dim))
 
     def stat_shapes(self):
         shapes = {"expert_load": (self.num_experts,)}
@@ -310,7 +323,7 @@ class MoE(GroupedMoELayer):
                 "expert_activation": self.expert_activation,
                 "expert_dropout": self.expert_dropout,
                 "expert_use_bias": self.expert_use_bias,
-                "router": keras.saving.serialize_keras_object(self.router),
+                "router": _unbuilt(keras.saving.serialize_keras_object(self.router)),
                 "capacity_factor": self.capacity_factor,
                 "eval_capacity_factor": self.eval_capacity_factor,
                 "min_capacity": self.min_capacity,
