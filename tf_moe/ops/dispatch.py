@@ -9,6 +9,9 @@ the gather path. Both compute the same function of a `Routing`:
 `einsum` builds one-hot dispatch/combine tensors [G, S, E, C] (GShard, Mesh
 TensorFlow): static shapes, TPU friendly, O(S * E * C * d) work. `gather`
 moves rows by index: O(S * k * d) work plus a scatter of slot owners.
+`custom_call` (registered here, implemented in `tf_moe.ops.custom_call`,
+imported on first use) runs the same function as XLA custom calls into the
+Bazel-built C++/CUDA library.
 
 Owns: dispatch/combine math. Does not own: routing decisions (`tf_moe.routing`).
 
@@ -21,17 +24,17 @@ import functools
 import keras
 from keras import ops
 
-DISPATCH_METHODS = ("auto", "einsum", "gather")
+DISPATCH_METHODS = ("auto", "einsum", "gather", "custom_call")
 
 
 def _combine_tensor(routing, weighted):
     """<float32>[G, S, E, C]: one-hot (or weighted) routing tensor."""
     # Shape: [G, S, k, E]
     expert = ops.one_hot(routing.expert_index, routing.num_experts)
+    scale = ops.cast(routing.dispatch_mask, expert.dtype)  # [G, S, k]
     if weighted:
-        scale = routing.combine_weight
-    else:
-        scale = ops.cast(routing.dispatch_mask, expert.dtype)
+        # Masked again so unrouted choices get no gradient either.
+        scale = scale * routing.combine_weight
     # Shape: [G, S, k, C]; dropped choices (mask false) contribute nothing.
     slot = ops.one_hot(
         ops.where(routing.dispatch_mask, routing.position, 0), routing.capacity
@@ -108,12 +111,37 @@ def slot_weight(routing):
     return _to_expert_major(_scatter_to_slots(routing, routing.combine_weight), routing)
 
 
+def _take_rows(rows, index):
+    """rows [N, d], index <int32>[...] -> [..., d].
+
+    On TensorFlow the gradient is an explicit segment sum: TF's own gather
+    gradient, next to a top-k router's gradient, aborts XLA
+    (`literal.cc Check failed: subshape->dimensions(dim_index) >= size`)
+    under `jit_compile=True` when k > 1 (TF 2.21).
+    """
+    if keras.backend.backend() != "tensorflow":
+        return ops.take(rows, index, axis=0)
+    num_rows = rows.shape[0] if rows.shape[0] is not None else ops.shape(rows)[0]
+
+    @ops.custom_gradient
+    def take(rows):
+        def grad(*args, upstream=None):
+            if upstream is None:
+                (upstream,) = args
+            flat = ops.reshape(upstream, (-1, upstream.shape[-1]))
+            return ops.segment_sum(flat, ops.reshape(index, (-1,)), num_rows)
+
+        return ops.take(rows, index, axis=0), grad
+
+    return take(rows)
+
+
 def gather_dispatch(x, routing):
     """Dispatch by gathering token rows. x: [G, S, d] -> [E, G, C, d]."""
     d = x.shape[-1]
     # Shape: [G * S + 1, d]; the last row is zeros for empty slots.
     rows = ops.concatenate([ops.reshape(x, (-1, d)), ops.zeros((1, d), x.dtype)], 0)
-    gathered = ops.take(rows, slot_owner(routing), axis=0)  # [G * E * C, d]
+    gathered = _take_rows(rows, slot_owner(routing))  # [G * E * C, d]
     gathered = ops.reshape(gathered, (-1, routing.num_experts, routing.capacity, d))
     return ops.transpose(gathered, (1, 0, 2, 3))  # [E, G, C, d]
 
@@ -124,14 +152,30 @@ def gather_combine(expert_outputs, routing):
     # Shape: [G * E * C + 1, d]; the last row serves unrouted choices.
     rows = ops.reshape(ops.transpose(expert_outputs, (1, 0, 2, 3)), (-1, d))
     rows = ops.concatenate([rows, ops.zeros((1, d), rows.dtype)], axis=0)
-    gathered = ops.take(rows, _flat_slot(routing), axis=0)  # [G, S, k, d]
+    gathered = _take_rows(rows, _flat_slot(routing))  # [G, S, k, d]
     weight = ops.cast(routing.combine_weight, rows.dtype)  # [G, S, k]
     return ops.einsum("gskd,gsk->gsd", gathered, weight)
+
+
+def custom_call_dispatch(x, routing):
+    """Dispatch with the Bazel-built XLA custom call (`tf_moe.ops.custom_call`,
+    imported on first use). x: [G, S, d] -> [E, G, C, d]."""
+    from tf_moe.ops import custom_call
+
+    return custom_call.custom_call_dispatch(x, routing)
+
+
+def custom_call_combine(expert_outputs, routing):
+    """Combine with the Bazel-built XLA custom call. [E, G, C, d] -> [G, S, d]."""
+    from tf_moe.ops import custom_call
+
+    return custom_call.custom_call_combine(expert_outputs, routing)
 
 
 DISPATCHERS = {
     "einsum": (einsum_dispatch, einsum_combine),
     "gather": (gather_dispatch, gather_combine),
+    "custom_call": (custom_call_dispatch, custom_call_combine),
 }
 
 
@@ -149,8 +193,30 @@ def _on_tpu():
 
 
 def resolve_dispatch(method):
-    """The dispatch path `method` names; "auto" is "einsum" on TPU (static
-    one-hot matmuls suit the MXU), "gather" on CPU and GPU."""
+    """The dispatch path `method` names.
+
+    "auto" is "einsum" on TPU (static one-hot matmuls suit the MXU); on CPU
+    and GPU it is "custom_call" where the custom-call library is built and
+    runs on the backend's device (the fastest path there, see
+    docs/benchmarks.md), else "gather".
+
+    Raises:
+        RuntimeError (`custom_call.CustomCallUnavailableError`): "custom_call"
+            was requested and the library is not built or cannot run here;
+            the message says how to build it.
+    """
+    if method == "custom_call":
+        from tf_moe.ops import custom_call
+
+        custom_call.require_available()
+        return method
     if method != "auto":
         return method
-    return "einsum" if _on_tpu() else "gather"
+    if _on_tpu():
+        return "einsum"
+    if keras.distribution.distribution() is not None:
+        # XLA cannot partition an opaque custom call: keep SPMD layouts.
+        return "gather"
+    from tf_moe.ops import custom_call
+
+    return "custom_call" if custom_call.is_available() else "gather"

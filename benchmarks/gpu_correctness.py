@@ -1,0 +1,179 @@
+"""GPU correctness of the custom-call path: the CUDA FFI handlers against the
+einsum path, on Keras-on-JAX (CI has no GPU: run this on a GPU machine).
+
+For each dtype and each routing case (real routers' output: top-1, top-2,
+top-4 with batch-prioritized routing, tied logits, everything to one expert,
+capacity 1, k = E), compares under jax.jit:
+
+    dispatch(x), combine(y), d dispatch / dx, d combine / dy,
+    d combine / d combine_weight (on routed choices; exactly 0 elsewhere),
+
+and prints ||custom - einsum|| / ||einsum|| per quantity. Then checks that an
+out-of-range position raises (XlaRuntimeError / JaxRuntimeError) instead of
+writing out of bounds. Exit status 1 on any failure.
+
+Usage:
+    KERAS_BACKEND=jax TF_MOE_OPS_DIR=<dir with libtf_moe_ffi_cuda.so> \
+        python benchmarks/gpu_correctness.py [--json out.json]
+"""
+
+import argparse
+import json
+import os
+import sys
+
+os.environ.setdefault("KERAS_BACKEND", "jax")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+from tf_moe.ops import custom_call  # noqa: E402
+from tf_moe.ops import dispatch as dispatch_lib  # noqa: E402
+from tf_moe.routing import TopKRouter  # noqa: E402
+
+# Relative-norm tolerance per dtype (einsum rounds combine weights to the
+# dtype; the custom call accumulates in float32).
+TOLERANCE = {"float32": 1e-5, "bfloat16": 1e-2, "float16": 2e-3}
+
+# name: (router kwargs, G, S, d, E, C, kernel bias on expert 0)
+CASES = {
+    "top1": (dict(k=1), 4, 256, 256, 8, 40, 0.0),
+    "top2": (dict(k=2), 4, 256, 512, 16, 40, 0.0),
+    "top4_bpr": (dict(k=4, batch_prioritized_routing=True), 2, 128, 1024, 8, 64, 0.0),
+    "tied_logits": (dict(k=2, kernel_initializer="zeros"), 3, 64, 128, 4, 20, 0.0),
+    "one_expert": (dict(k=1), 2, 64, 64, 4, 64, 100.0),
+    "capacity_1": (dict(k=2), 8, 32, 96, 8, 1, 0.0),
+    "k_equals_e": (dict(k=4), 2, 32, 40, 4, 32, 0.0),
+    "odd_d": (dict(k=2), 2, 48, 37, 6, 20, 0.0),
+}
+
+
+def make_routing(router_kwargs, groups, group_size, d, num_experts, capacity, bias, seed):
+    router = TopKRouter(num_experts=num_experts, **router_kwargs)
+    x = keras.random.normal((groups, group_size, d), seed=seed)
+    router.build(x.shape)
+    if bias:
+        kernel = np.zeros(router.kernel.shape, np.float32)
+        router.kernel.assign(kernel)
+        # Every token's logit for expert 0 is `bias` higher.
+        x = x.at[..., 0].set(1.0)
+        kernel[0, 0] = bias
+        router.kernel.assign(kernel)
+    return router.route(x, capacity=capacity, training=True)
+
+
+def paths_functions(path, routing):
+    dispatch, combine = dispatch_lib.DISPATCHERS[path]
+
+    def run(x, y, weight, cot_e, cot_t):
+        r = routing._replace(combine_weight=weight)
+        ex, vjp_d = jax.vjp(lambda x: dispatch(x, r), x)
+        (dx,) = vjp_d(cot_e.astype(ex.dtype))
+        out, vjp_c = jax.vjp(
+            lambda y, w: combine(y, routing._replace(combine_weight=w)), y, weight
+        )
+        dy, dw = vjp_c(cot_t.astype(out.dtype))
+        return dict(dispatch=ex, combine=out, grad_x=dx, grad_y=dy, grad_weight=dw)
+
+    return jax.jit(run)
+
+
+def rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def check_case(name, dtype, seed):
+    router_kwargs, groups, group_size, d, num_experts, capacity, bias = CASES[name]
+    routing = make_routing(router_kwargs, groups, group_size, d, num_experts, capacity,
+                           bias, seed)
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.normal(size=(groups, group_size, d)), dtype)
+    y = jnp.asarray(rng.normal(size=(num_experts, groups, capacity, d)), dtype)
+    cot_e = jnp.asarray(rng.normal(size=y.shape), jnp.float32)
+    cot_t = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
+    weight = routing.combine_weight
+    got = paths_functions("custom_call", routing)(x, y, weight, cot_e, cot_t)
+    # Full float32 matmuls for the reference: on GPUs the default precision
+    # runs float32 einsums in TF32 (~2e-4 relative error).
+    with jax.default_matmul_precision("highest"):
+        want = paths_functions("einsum", routing)(x, y, weight, cot_e, cot_t)
+    mask = np.asarray(routing.dispatch_mask)
+    row = {"case": name, "dtype": dtype, "routed": int(mask.sum()), "choices": mask.size}
+    ok = True
+    for key in ("dispatch", "combine", "grad_x", "grad_y", "grad_weight"):
+        a = np.asarray(got[key].astype(jnp.float32))
+        b = np.asarray(want[key].astype(jnp.float32))
+        if key == "grad_weight":
+            ok &= bool((a[~mask] == 0).all())
+            a, b = a * mask, b * mask
+        ok &= bool(np.isfinite(a).all())
+        row[key] = rel(a, b)
+        ok &= row[key] <= TOLERANCE[dtype]
+    row["ok"] = ok
+    return row
+
+
+def check_out_of_range():
+    """A bad position raises an error on the GPU path (and nothing crashes)."""
+    routing = make_routing(dict(k=2), 2, 16, 32, 4, 8, 0.0, seed=0)
+    mask = np.asarray(routing.dispatch_mask)
+    g, s, j = [int(v[0]) for v in np.nonzero(mask)]
+    results = {}
+    for field, value in (("position", 8), ("position", -1), ("expert_index", 4)):
+        bad = np.asarray(getattr(routing, field)).copy()
+        bad[g, s, j] = value
+        r = routing._replace(**{field: jnp.asarray(bad)})
+        for op in ("dispatch", "combine"):
+            fn = dispatch_lib.DISPATCHERS["custom_call"][0 if op == "dispatch" else 1]
+            arg = jnp.ones((2, 16, 32)) if op == "dispatch" else jnp.ones((4, 2, 8, 32))
+            try:
+                jax.block_until_ready(jax.jit(lambda a: fn(a, r))(arg))
+                results[f"{op} {field}={value}"] = "NO ERROR (bad)"
+            except Exception as error:  # noqa: BLE001 - reporting the type
+                message = str(error).splitlines()[0][:120]
+                results[f"{op} {field}={value}"] = f"{type(error).__name__}: {message}"
+    # The device is still usable afterwards.
+    results["after errors, 1 + 1 ="] = float(jax.jit(lambda a: a + 1)(jnp.ones(())))
+    return results
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", default=None, help="write the results here")
+    args = parser.parse_args()
+    print(f"jax {jax.__version__}, keras {keras.__version__}, devices {jax.devices()}")
+    print(f"custom_call available: {custom_call.is_available()}; "
+          f"auto -> {dispatch_lib.resolve_dispatch('auto')}")
+    rows = []
+    for dtype in ("float32", "bfloat16", "float16"):
+        for seed, name in enumerate(CASES):
+            rows.append(check_case(name, dtype, seed))
+    header = ("case", "dtype", "routed", "dispatch", "combine", "grad_x", "grad_y",
+              "grad_weight", "ok")
+    print("relative error ||custom_call - einsum|| / ||einsum||")
+    print(" ".join(f"{h:>11}" for h in header))
+    for row in rows:
+        print(" ".join(
+            f"{row[h]:>11.2e}" if isinstance(row[h], float) else f"{str(row[h]):>11}"
+            for h in header
+        ))
+    errors = check_out_of_range()
+    print("out-of-range indices:")
+    for key, value in errors.items():
+        print(f"  {key}: {value}")
+    ok = all(row["ok"] for row in rows) and all(
+        "NO ERROR" not in str(v) for v in errors.values()
+    )
+    print("ALL OK" if ok else "FAILURES")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"rows": rows, "out_of_range": errors, "ok": ok,
+                       "device": str(jax.devices()[0])}, f, indent=1)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

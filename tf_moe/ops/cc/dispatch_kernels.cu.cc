@@ -1,0 +1,470 @@
+// CUDA kernels and typed XLA FFI handlers (platform "CUDA") for dispatch,
+// combine and the combine adjoint: the same functions as dispatch_core.h.
+//
+// One thread block per token; threads stride over d with 16-byte vector
+// loads and stores where the row allows it. Every routed choice's
+// (expert, position) is checked on the device: a bad one is skipped (nothing
+// is written out of bounds) and recorded; the handler then reads the record
+// back (one 8-byte copy and a stream synchronization per call) and returns
+// InvalidArgument with the same message as the CPU handlers.
+//
+// Targets (JAX: jax.ffi.register_ffi_target(name, pycapsule, platform="CUDA")):
+//   tf_moe_dispatch      TfMoeDispatchCuda
+//   tf_moe_combine       TfMoeCombineCuda
+//   tf_moe_combine_grad  TfMoeCombineGradCuda
+//
+// Shape letters: G groups, S tokens per group, k choices per token, E experts,
+// C capacity, d model dim.
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <string>
+
+#include "tf_moe/ops/cc/dispatch_core.h"
+#include "tf_moe/ops/cc/ffi_common.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace tf_moe {
+namespace {
+
+constexpr unsigned long long kNoError = ~0ull;
+
+// Device view of the routing (RoutingView holds host-side sizes too).
+struct DeviceRouting {
+  const int32_t* expert_index;
+  const int32_t* position;
+  const bool* dispatch_mask;
+  int64_t groups, group_size, k, num_experts, capacity;
+};
+
+DeviceRouting ToDevice(const RoutingView& r) {
+  return {r.expert_index, r.position, r.dispatch_mask, r.groups,
+          r.group_size,   r.k,        r.num_experts,   r.capacity};
+}
+
+// Row (in an [E, G, C] buffer) of choice i of token t, or -1 if the choice
+// is not routed or out of range (then recorded in *error).
+__device__ __forceinline__ int64_t SlotOf(const DeviceRouting& r, int64_t t,
+                                          int64_t i,
+                                          unsigned long long* error) {
+  if (!r.dispatch_mask[i]) return -1;
+  const int64_t e = r.expert_index[i];
+  const int64_t c = r.position[i];
+  if (e < 0 || e >= r.num_experts || c < 0 || c >= r.capacity) {
+    if (threadIdx.x == 0) atomicMin(error, static_cast<unsigned long long>(i));
+    return -1;
+  }
+  const int64_t g = t / r.group_size;
+  return (e * r.groups + g) * r.capacity + c;
+}
+
+template <typename T>
+struct Vec;  // VEC elements of T in 16 bytes, and float conversion.
+template <>
+struct Vec<float> {
+  static constexpr int kSize = 4;
+  __device__ static float Load(const float* p, int i) { return p[i]; }
+  __device__ static float ToF(float v) { return v; }
+  __device__ static float FromF(float v) { return v; }
+};
+template <>
+struct Vec<__nv_bfloat16> {
+  static constexpr int kSize = 8;
+  __device__ static float ToF(__nv_bfloat16 v) { return __bfloat162float(v); }
+  __device__ static __nv_bfloat16 FromF(float v) { return __float2bfloat16(v); }
+};
+template <>
+struct Vec<__half> {
+  static constexpr int kSize = 8;
+  __device__ static float ToF(__half v) { return __half2float(v); }
+  __device__ static __half FromF(float v) { return __float2half(v); }
+};
+
+// A chunk of N elements of T, loaded/stored as one (16-byte when N = VEC).
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Chunk {
+  T v[N];
+};
+
+// ---------------------------------------------------------------------------
+// Dispatch: a plain copy of token rows (dtype-agnostic: W-byte words).
+
+template <typename W>
+__global__ void DispatchKernel(const W* __restrict__ x, DeviceRouting r,
+                               int64_t row_words, W* __restrict__ out,
+                               unsigned long long* error) {
+  const int64_t t = blockIdx.x;
+  int64_t slots[8];
+  int num = 0;
+  for (int64_t i = t * r.k; i < (t + 1) * r.k; ++i) {
+    const int64_t slot = SlotOf(r, t, i, error);
+    if (slot >= 0) {
+      if (num == 8) {  // k > 8: flush one slot at a time
+        for (int64_t w = threadIdx.x; w < row_words; w += blockDim.x) {
+          out[slot * row_words + w] = x[t * row_words + w];
+        }
+      } else {
+        slots[num++] = slot;
+      }
+    }
+  }
+  for (int64_t w = threadIdx.x; w < row_words; w += blockDim.x) {
+    const W value = x[t * row_words + w];
+#pragma unroll 4
+    for (int n = 0; n < num; ++n) out[slots[n] * row_words + w] = value;
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Combine: out[t] = sum_j w_j * y[slot_j], float accumulation.
+
+template <typename T, int N>
+__global__ void CombineKernel(const T* __restrict__ y, DeviceRouting r,
+                              const float* __restrict__ weight, int64_t d,
+                              T* __restrict__ out,
+                              unsigned long long* error) {
+  using C = Chunk<T, N>;
+  const int64_t t = blockIdx.x;
+  const int64_t chunks = d / N;
+  for (int64_t w = threadIdx.x; w < chunks; w += blockDim.x) {
+    float acc[N];
+#pragma unroll
+    for (int n = 0; n < N; ++n) acc[n] = 0.0f;
+    for (int64_t i = t * r.k; i < (t + 1) * r.k; ++i) {
+      const int64_t slot = SlotOf(r, t, i, error);
+      if (slot < 0) continue;
+      const float wi = weight[i];
+      const C c = reinterpret_cast<const C*>(y + slot * d)[w];
+#pragma unroll
+      for (int n = 0; n < N; ++n) acc[n] += wi * Vec<T>::ToF(c.v[n]);
+    }
+    C result;
+#pragma unroll
+    for (int n = 0; n < N; ++n) result.v[n] = Vec<T>::FromF(acc[n]);
+    reinterpret_cast<C*>(out + t * d)[w] = result;
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Combine adjoint: dy[slot_j] = w_j * dout[t]; dw_j = <dout[t], y[slot_j]>.
+
+__device__ __forceinline__ float BlockSum(float v, float* shared) {
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    v += __shfl_xor_sync(0xffffffffu, v, offset);
+  }
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  __syncthreads();  // `shared` may still be read from the previous call
+  if (lane == 0) shared[warp] = v;
+  __syncthreads();
+  float total = 0.0f;
+  const int warps = (blockDim.x + 31) / 32;
+  for (int i = 0; i < warps; ++i) total += shared[i];
+  return total;
+}
+
+template <typename T, int N>
+__global__ void CombineGradKernel(const T* __restrict__ dout,
+                                  const T* __restrict__ y, DeviceRouting r,
+                                  const float* __restrict__ weight, int64_t d,
+                                  T* __restrict__ dy, float* __restrict__ dw,
+                                  unsigned long long* error) {
+  using C = Chunk<T, N>;
+  __shared__ float shared[32];
+  const int64_t t = blockIdx.x;
+  const int64_t chunks = d / N;
+  const C* g_row = reinterpret_cast<const C*>(dout + t * d);
+  for (int64_t i = t * r.k; i < (t + 1) * r.k; ++i) {
+    const int64_t slot = SlotOf(r, t, i, error);
+    if (slot < 0) {
+      if (threadIdx.x == 0) dw[i] = 0.0f;
+      continue;
+    }
+    const float wi = weight[i];
+    const C* y_row = reinterpret_cast<const C*>(y + slot * d);
+    C* dy_row = reinterpret_cast<C*>(dy + slot * d);
+    float dot = 0.0f;
+    for (int64_t w = threadIdx.x; w < chunks; w += blockDim.x) {
+      const C g = g_row[w];
+      const C yv = y_row[w];
+      C out;
+#pragma unroll
+      for (int n = 0; n < N; ++n) {
+        const float gf = Vec<T>::ToF(g.v[n]);
+        dot += gf * Vec<T>::ToF(yv.v[n]);
+        out.v[n] = Vec<T>::FromF(wi * gf);
+      }
+      dy_row[w] = out;
+    }
+    dot = BlockSum(dot, shared);
+    if (threadIdx.x == 0) dw[i] = dot;
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Launch helpers.
+
+int ThreadsFor(int64_t units) {
+  int threads = 32;
+  while (threads < 256 && threads < units) threads *= 2;
+  return threads;
+}
+
+ffi::Error CudaError(const char* what) {
+  cudaError_t status = cudaGetLastError();
+  if (status == cudaSuccess) return ffi::Error::Success();
+  return ffi::Error::Internal(std::string("tf_moe: CUDA error in ") + what +
+                              ": " + cudaGetErrorString(status));
+}
+
+// Scratch flag holding the first bad choice (kNoError if none).
+ffi::ErrorOr<unsigned long long*> NewErrorFlag(ffi::ScratchAllocator& scratch,
+                                               cudaStream_t stream) {
+  auto memory = scratch.Allocate(sizeof(unsigned long long),
+                                 alignof(unsigned long long));
+  if (!memory.has_value()) {
+    return ffi::Unexpected(
+        ffi::Error::Internal("tf_moe: cannot allocate CUDA scratch memory"));
+  }
+  auto* flag = static_cast<unsigned long long*>(*memory);
+  cudaMemsetAsync(flag, 0xff, sizeof(*flag), stream);  // kNoError
+  return flag;
+}
+
+// Reads the flag back (synchronizes the stream); the CPU handlers' message
+// for the first bad routed choice.
+ffi::Error CheckErrorFlag(const unsigned long long* flag, const RoutingView& r,
+                          cudaStream_t stream) {
+  unsigned long long first = kNoError;
+  cudaMemcpyAsync(&first, flag, sizeof(first), cudaMemcpyDeviceToHost, stream);
+  cudaStreamSynchronize(stream);
+  if (auto e = CudaError("kernel"); !e.success()) return e;
+  if (first == kNoError) return ffi::Error::Success();
+  // Rebuild the message on the host from that one choice.
+  int32_t e_value, c_value;
+  cudaMemcpy(&e_value, r.expert_index + first, sizeof(int32_t),
+             cudaMemcpyDeviceToHost);
+  cudaMemcpy(&c_value, r.position + first, sizeof(int32_t),
+             cudaMemcpyDeviceToHost);
+  const bool one_true = true;
+  const int32_t one_e = e_value, one_c = c_value;
+  RoutingView single{&one_e, &one_c, &one_true, 1, 1, 1,
+                     r.num_experts, r.capacity};
+  std::string message = ValidateRouting(single);
+  const int64_t i = static_cast<int64_t>(first);
+  const std::string where = "[" + std::to_string(i / (r.k * r.group_size)) +
+                            ", " + std::to_string((i / r.k) % r.group_size) +
+                            ", " + std::to_string(i % r.k) + "]";
+  message.replace(message.find("[0, 0, 0]"), 9, where);
+  return ffi::Error::InvalidArgument("tf_moe: " + message);
+}
+
+// Calls fn(T{}, N) for the buffer dtype's CUDA type and vector width.
+template <typename Fn>
+ffi::Error DispatchCudaType(ffi::DataType dtype, int64_t d, Fn&& fn) {
+  switch (dtype) {
+    case ffi::DataType::F32:
+      return d % 4 == 0 ? fn(float{}, std::integral_constant<int, 4>{})
+                        : fn(float{}, std::integral_constant<int, 1>{});
+    case ffi::DataType::BF16:
+      return d % 8 == 0 ? fn(__nv_bfloat16{}, std::integral_constant<int, 8>{})
+                        : fn(__nv_bfloat16{}, std::integral_constant<int, 1>{});
+    case ffi::DataType::F16:
+      return d % 8 == 0 ? fn(__half{}, std::integral_constant<int, 8>{})
+                        : fn(__half{}, std::integral_constant<int, 1>{});
+    default:
+      return ffi::Error::InvalidArgument(
+          "tf_moe: unsupported dtype (float32, bfloat16 and float16 are "
+          "supported).");
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Handlers.
+
+ffi::Error DispatchCuda(cudaStream_t stream, ffi::ScratchAllocator scratch,
+                        ffi::AnyBuffer x, IndexBuffer expert_index,
+                        IndexBuffer position, MaskBuffer dispatch_mask,
+                        int64_t num_experts, int64_t capacity,
+                        ffi::Result<ffi::AnyBuffer> out) {
+  RoutingView r;
+  if (auto e = MakeRoutingView(expert_index, position, dispatch_mask,
+                               num_experts, capacity, &r);
+      !e.success()) {
+    return e;
+  }
+  int64_t d;
+  if (auto e = CheckDataShapes(r, x, "x", *out, "output", &d); !e.success()) {
+    return e;
+  }
+  auto flag = NewErrorFlag(scratch, stream);
+  if (flag.has_error()) return flag.error();
+  cudaMemsetAsync(out->untyped_data(), 0, out->size_bytes(), stream);
+  const int64_t tokens = r.groups * r.group_size;
+  const int64_t row_bytes = d * ffi::ByteWidth(x.element_type());
+  if (tokens > 0 && row_bytes > 0) {
+    auto launch = [&](auto word) {
+      using W = decltype(word);
+      const int64_t words = row_bytes / sizeof(W);
+      DispatchKernel<W><<<tokens, ThreadsFor(words), 0, stream>>>(
+          static_cast<const W*>(x.untyped_data()), ToDevice(r), words,
+          static_cast<W*>(out->untyped_data()), *flag);
+    };
+    if (row_bytes % 16 == 0) {
+      launch(uint4{});
+    } else if (row_bytes % 4 == 0) {
+      launch(uint32_t{});
+    } else {
+      launch(uint16_t{});
+    }
+  }
+  if (auto e = CudaError("dispatch launch"); !e.success()) return e;
+  return CheckErrorFlag(*flag, r, stream);
+}
+
+ffi::Error CombineCuda(cudaStream_t stream, ffi::ScratchAllocator scratch,
+                       ffi::AnyBuffer expert_outputs, IndexBuffer expert_index,
+                       IndexBuffer position, MaskBuffer dispatch_mask,
+                       WeightBuffer combine_weight, int64_t num_experts,
+                       int64_t capacity, ffi::Result<ffi::AnyBuffer> out) {
+  RoutingView r;
+  if (auto e = MakeRoutingView(expert_index, position, dispatch_mask,
+                               num_experts, capacity, &r);
+      !e.success()) {
+    return e;
+  }
+  if (!DimsEqual(combine_weight.dimensions(), {r.groups, r.group_size, r.k})) {
+    return ShapeError("combine_weight", combine_weight.dimensions(),
+                      {r.groups, r.group_size, r.k});
+  }
+  int64_t d;
+  if (auto e = CheckDataShapes(r, *out, "output", expert_outputs,
+                               "expert_outputs", &d);
+      !e.success()) {
+    return e;
+  }
+  auto flag = NewErrorFlag(scratch, stream);
+  if (flag.has_error()) return flag.error();
+  const int64_t tokens = r.groups * r.group_size;
+  if (tokens > 0 && d > 0) {
+    auto status = DispatchCudaType(
+        expert_outputs.element_type(), d, [&](auto t, auto n) {
+          using T = decltype(t);
+          constexpr int N = decltype(n)::value;
+          CombineKernel<T, N><<<tokens, ThreadsFor(d / N), 0, stream>>>(
+              static_cast<const T*>(expert_outputs.untyped_data()),
+              ToDevice(r), combine_weight.typed_data(), d,
+              static_cast<T*>(out->untyped_data()), *flag);
+          return CudaError("combine launch");
+        });
+    if (!status.success()) return status;
+  }
+  return CheckErrorFlag(*flag, r, stream);
+}
+
+ffi::Error CombineGradCuda(cudaStream_t stream, ffi::ScratchAllocator scratch,
+                           ffi::AnyBuffer grad_output,
+                           ffi::AnyBuffer expert_outputs,
+                           IndexBuffer expert_index, IndexBuffer position,
+                           MaskBuffer dispatch_mask,
+                           WeightBuffer combine_weight, int64_t num_experts,
+                           int64_t capacity,
+                           ffi::Result<ffi::AnyBuffer> grad_expert_outputs,
+                           ffi::Result<WeightBuffer> grad_combine_weight) {
+  RoutingView r;
+  if (auto e = MakeRoutingView(expert_index, position, dispatch_mask,
+                               num_experts, capacity, &r);
+      !e.success()) {
+    return e;
+  }
+  for (auto dims : {combine_weight.dimensions(),
+                    grad_combine_weight->dimensions()}) {
+    if (!DimsEqual(dims, {r.groups, r.group_size, r.k})) {
+      return ShapeError("combine_weight", dims, {r.groups, r.group_size, r.k});
+    }
+  }
+  int64_t d;
+  if (auto e = CheckDataShapes(r, grad_output, "grad_output", expert_outputs,
+                               "expert_outputs", &d);
+      !e.success()) {
+    return e;
+  }
+  if (auto e = CheckDataShapes(r, grad_output, "grad_output",
+                               *grad_expert_outputs, "grad_expert_outputs", &d);
+      !e.success()) {
+    return e;
+  }
+  auto flag = NewErrorFlag(scratch, stream);
+  if (flag.has_error()) return flag.error();
+  cudaMemsetAsync(grad_expert_outputs->untyped_data(), 0,
+                  grad_expert_outputs->size_bytes(), stream);
+  cudaMemsetAsync(grad_combine_weight->typed_data(), 0,
+                  grad_combine_weight->size_bytes(), stream);
+  const int64_t tokens = r.groups * r.group_size;
+  if (tokens > 0 && d > 0) {
+    auto status = DispatchCudaType(
+        expert_outputs.element_type(), d, [&](auto t, auto n) {
+          using T = decltype(t);
+          constexpr int N = decltype(n)::value;
+          CombineGradKernel<T, N><<<tokens, ThreadsFor(d / N), 0, stream>>>(
+              static_cast<const T*>(grad_output.untyped_data()),
+              static_cast<const T*>(expert_outputs.untyped_data()),
+              ToDevice(r), combine_weight.typed_data(), d,
+              static_cast<T*>(grad_expert_outputs->untyped_data()),
+              grad_combine_weight->typed_data(), *flag);
+          return CudaError("combine_grad launch");
+        });
+    if (!status.success()) return status;
+  }
+  return CheckErrorFlag(*flag, r, stream);
+}
+
+}  // namespace
+}  // namespace tf_moe
+
+namespace ffi = ::xla::ffi;
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    TfMoeDispatchCuda, tf_moe::DispatchCuda,
+    ffi::Ffi::Bind()
+        .Ctx<ffi::PlatformStream<cudaStream_t>>()
+        .Ctx<ffi::ScratchAllocator>()
+        .Arg<ffi::AnyBuffer>()             // x [G, S, d]
+        .Arg<tf_moe::IndexBuffer>()        // expert_index [G, S, k]
+        .Arg<tf_moe::IndexBuffer>()        // position [G, S, k]
+        .Arg<tf_moe::MaskBuffer>()         // dispatch_mask [G, S, k]
+        .Attr<int64_t>("num_experts")      // E
+        .Attr<int64_t>("capacity")         // C
+        .Ret<ffi::AnyBuffer>());           // expert_inputs [E, G, C, d]
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    TfMoeCombineCuda, tf_moe::CombineCuda,
+    ffi::Ffi::Bind()
+        .Ctx<ffi::PlatformStream<cudaStream_t>>()
+        .Ctx<ffi::ScratchAllocator>()
+        .Arg<ffi::AnyBuffer>()             // expert_outputs [E, G, C, d]
+        .Arg<tf_moe::IndexBuffer>()        // expert_index [G, S, k]
+        .Arg<tf_moe::IndexBuffer>()        // position [G, S, k]
+        .Arg<tf_moe::MaskBuffer>()         // dispatch_mask [G, S, k]
+        .Arg<tf_moe::WeightBuffer>()       // combine_weight <f32>[G, S, k]
+        .Attr<int64_t>("num_experts")      // E
+        .Attr<int64_t>("capacity")         // C
+        .Ret<ffi::AnyBuffer>());           // outputs [G, S, d]
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    TfMoeCombineGradCuda, tf_moe::CombineGradCuda,
+    ffi::Ffi::Bind()
+        .Ctx<ffi::PlatformStream<cudaStream_t>>()
+        .Ctx<ffi::ScratchAllocator>()
+        .Arg<ffi::AnyBuffer>()             // grad_output [G, S, d]
+        .Arg<ffi::AnyBuffer>()             // expert_outputs [E, G, C, d]
+        .Arg<tf_moe::IndexBuffer>()        // expert_index [G, S, k]
+        .Arg<tf_moe::IndexBuffer>()        // position [G, S, k]
+        .Arg<tf_moe::MaskBuffer>()         // dispatch_mask [G, S, k]
+        .Arg<tf_moe::WeightBuffer>()       // combine_weight <f32>[G, S, k]
+        .Attr<int64_t>("num_experts")      // E
+        .Attr<int64_t>("capacity")         // C
+        .Ret<ffi::AnyBuffer>()             // grad_expert_outputs [E, G, C, d]
+        .Ret<tf_moe::WeightBuffer>());     // grad_combine_weight <f32>[G, S, k]
