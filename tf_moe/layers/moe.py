@@ -203,8 +203,9 @@ class MoE(GroupedMoELayer):
         min_capacity: int >= 1, default 4.
         group_size: int >= 1, tokens per routing group (S). Default 1024; a
             call with fewer (statically known) tokens routes them as one group.
-        dispatch: "auto" (default; "einsum" on TPU, "gather" elsewhere),
-            "einsum" or "gather". Every path computes the same function.
+        dispatch: "auto" (default: "einsum" on TPU; elsewhere "custom_call"
+            when its library is built, else "gather"), "einsum", "gather" or
+            "custom_call". Every path computes the same function.
         expert_kernel_initializer: initializer for expert kernels, or None
             for per-expert fan-in truncated normal.
         **kwargs: base `Layer` arguments.
