@@ -224,5 +224,29 @@ class ExpertsTest(parameterized.TestCase):
         self.assertEqual(Experts(E, H).compute_output_shape((E, 2, 5, D)), (E, 2, 5, D))
 
 
+class ExpertsDtypeTest(parameterized.TestCase):
+    @parameterized.parameters(True, False)
+    def test_bfloat16_policy_keeps_every_matmul_in_bfloat16(self, training):
+        # A sub-layer without the parent's policy (the Dropout) once cast the
+        # hidden units to float32, making the second matmul run in float32.
+        layer = Experts(2, 8, dropout=0.5, dtype="bfloat16")
+        hidden_dtypes = []
+        original = layer.dropout_layer.call
+
+        def spy(inputs, *args, **kwargs):
+            outputs = original(inputs, *args, **kwargs)
+            hidden_dtypes.append((str(inputs.dtype), str(outputs.dtype)))
+            return outputs
+
+        layer.dropout_layer.call = spy
+        x = ops.ones((2, 1, 3, 4), "bfloat16")
+        y = layer(x, training=training)
+        self.assertIn("bfloat16", str(y.dtype))
+        self.assertTrue(hidden_dtypes)
+        for before, after in hidden_dtypes:
+            self.assertIn("bfloat16", before)
+            self.assertIn("bfloat16", after)
+
+
 if __name__ == "__main__":
     absltest.main()

@@ -81,7 +81,8 @@ class Experts(keras.layers.Layer):
             else keras.initializers.get(kernel_initializer)
         )
         self.bias_initializer = keras.initializers.get(bias_initializer)
-        self.dropout_layer = keras.layers.Dropout(self.dropout)
+        # Same dtype policy, or Dropout would cast bf16 hidden units to float32.
+        self.dropout_layer = keras.layers.Dropout(self.dropout, dtype=self.dtype_policy)
 
     @property
     def gated(self):
