@@ -1,0 +1,298 @@
+"""Dropless dispatch (`capacity_factor=None`): expert-sorted rows and grouped
+matmuls instead of [E, G, C, d] capacity buffers.
+
+Every routed choice gets one row of a buffer [N, d] sorted by expert; each
+expert's segment is padded to a multiple of `tile` rows (the GPU grouped-matmul
+tile; 1 = no padding), so no choice is ever dropped and no expert computes on
+more than ceil(count / tile) * tile rows:
+
+    layout:   row[g, s, j] = start[e] + (number of earlier routed choices of
+              expert e, in flat (g, s, j) order), e = expert_index[g, s, j];
+              start[e] = sum_{e' < e} round_up(count[e'], tile).
+    dispatch: rows[row[g, s, j]] = x[g, s]; 0 for padding rows.
+    experts:  out_rows[r] = FFN_{expert(r)}(rows[r]) by grouped matmuls.
+    combine:  y[g, s] = sum_j combine_weight[g, s, j] * out_rows[row[g, s, j]].
+
+N is static: round_up(G * S * k + E * (tile - 1), tile) covers any routing.
+
+Layout, dispatch and combine are pure `keras.ops` (both backends, gradients
+by autodiff). `grouped_matmul` has three implementations:
+"custom_call" (JAX on CPU: the Bazel-built FFI handlers of
+`tf_moe/ops/cc_dropless`, a loop over rows that skips the unused tail, with a
+custom VJP), "ragged_dot" (JAX: `jax.lax.ragged_dot`) and "reference" (any
+backend: a per-tile weight gather, memory O(N / tile * a * b), for small
+sizes). See docs/custom_calls.md, "Dropless mode".
+
+Owns: the dropless layout, dispatch/combine and grouped matmul.
+Does not own: routing (`tf_moe.routing`; a dropless MoE routes with capacity
+C = S so that no choice overflows), expert weights (`tf_moe.layers.Experts`).
+
+Shape letters: G groups, S tokens per group, d model dim, h hidden dim,
+E experts, k choices per token, N buffer rows.
+"""
+
+import functools
+import os
+from typing import NamedTuple
+
+import keras
+from keras import ops
+
+from tf_moe.ops.dispatch import _take_rows
+
+
+class DroplessLayout(NamedTuple):
+    """Where each routed choice sits in the expert-sorted row buffer.
+
+    Attributes:
+        row: <int32>[G, S, k] row of each choice; `num_rows` (a sentinel
+            past the buffer) where the choice is not routed.
+        group_sizes: <int32>[E] rows of each expert's segment (its routed
+            choices rounded up to `tile`).
+        tile_expert: <int32>[num_rows // tile] expert of each tile; E for
+            tiles past the last segment (unused rows).
+        row_owner: <int32>[num_rows] flat token index g * S + s of each row;
+            G * S for padding rows.
+        num_rows: int, N.
+        tile: int.
+    """
+
+    row: object
+    group_sizes: object
+    tile_expert: object
+    row_owner: object
+    num_rows: int
+    tile: int
+
+
+def dropless_num_rows(num_choices, num_experts, tile):
+    """Static buffer size N for `num_choices` = G * S * k choices."""
+    rows = num_choices + num_experts * (tile - 1)
+    return -(-rows // tile) * tile
+
+
+def dropless_layout(routing, tile=1):
+    """Builds the `DroplessLayout` of a `Routing` (its `dispatch_mask` decides
+    which choices are routed; `position` and `capacity` are not used)."""
+    if tile < 1:
+        raise ValueError(f"`tile` must be >= 1. Received: tile={tile}")
+    g, s, k = routing.expert_index.shape
+    num_experts = routing.num_experts
+    num_choices = g * s * k
+    num_rows = dropless_num_rows(num_choices, num_experts, tile)
+    # Shape: [G * S * k]; E for choices that are not routed.
+    expert = ops.reshape(
+        ops.where(routing.dispatch_mask, routing.expert_index, num_experts), (-1,)
+    )
+    onehot = ops.one_hot(expert, num_experts + 1, dtype="int32")  # [n, E + 1]
+    counts = ops.sum(onehot, axis=0)[:num_experts]  # [E]
+    # Earlier routed choices of the same expert, in flat (g, s, j) order.
+    rank = ops.sum((ops.cumsum(onehot, axis=0) - onehot) * onehot, axis=-1)  # [n]
+    group_sizes = (counts + (tile - 1)) // tile * tile  # [E]
+    ends = ops.cumsum(group_sizes)
+    starts = ends - group_sizes
+    routed = expert < num_experts
+    start_of_choice = ops.take(starts, ops.minimum(expert, num_experts - 1))
+    row = ops.where(routed, start_of_choice + rank, num_rows)  # [n]
+    tile_start = ops.arange(num_rows // tile, dtype="int32") * tile
+    tile_expert = ops.sum(
+        ops.cast(tile_start[:, None] >= ends[None, :], "int32"), axis=-1
+    )  # [N / tile], in [0, E]
+    # Owner of each row: scatter token indices (+1, so that 0 means empty)
+    # into N + 1 slots; the last slot collects the unrouted choices.
+    token = ops.repeat(ops.arange(g * s, dtype="int32"), k)  # [n]
+    owner = ops.scatter(
+        row[:, None], ops.where(routed, token + 1, 0), (num_rows + 1,)
+    )[:num_rows]
+    row_owner = ops.where(owner > 0, owner - 1, g * s)
+    return DroplessLayout(
+        row=ops.reshape(ops.cast(row, "int32"), (g, s, k)),
+        group_sizes=ops.cast(group_sizes, "int32"),
+        tile_expert=ops.cast(tile_expert, "int32"),
+        row_owner=ops.cast(row_owner, "int32"),
+        num_rows=num_rows,
+        tile=tile,
+    )
+
+
+def dropless_dispatch(x, layout):
+    """x [G, S, d] -> rows [N, d] (0 for padding rows)."""
+    d = x.shape[-1]
+    tokens = ops.concatenate([ops.reshape(x, (-1, d)), ops.zeros((1, d), x.dtype)], 0)
+    return _take_rows(tokens, layout.row_owner)
+
+
+def dropless_combine(out_rows, routing, layout):
+    """out_rows [N, d] -> y [G, S, d] = sum_j combine_weight * out_rows[row]."""
+    d = out_rows.shape[-1]
+    rows = ops.concatenate([out_rows, ops.zeros((1, d), out_rows.dtype)], 0)
+    gathered = _take_rows(rows, layout.row)  # [G, S, k, d]
+    weight = ops.cast(
+        ops.where(routing.dispatch_mask, routing.combine_weight, 0.0), rows.dtype
+    )
+    return ops.einsum("gskd,gsk->gsd", gathered, weight)
+
+
+def row_expert(layout):
+    """<int32>[N] expert of each row (E for rows past the last segment)."""
+    return ops.repeat(layout.tile_expert, layout.tile)
+
+
+GROUPED_MATMUL_IMPLEMENTATIONS = ("auto", "custom_call", "ragged_dot", "reference")
+DROPLESS_LIBRARY = "libtf_moe_dropless_ffi.so"
+
+
+def dropless_library_dirs():
+    """Directories searched for `libtf_moe_dropless_ffi.so`, in order:
+    $TF_MOE_OPS_DIR, `tf_moe/ops/cc_dropless/` (Bazel runfiles) and, outside
+    Bazel tests, the checkout's `bazel-bin/tf_moe/ops/cc_dropless/`."""
+    dirs = []
+    if os.environ.get("TF_MOE_OPS_DIR"):
+        dirs.append(os.environ["TF_MOE_OPS_DIR"])
+    here = os.path.dirname(os.path.abspath(__file__))
+    dirs.append(os.path.join(here, "cc_dropless"))
+    if "TEST_SRCDIR" not in os.environ:
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.realpath(__file__))))
+        dirs.append(os.path.join(root, "bazel-bin", "tf_moe", "ops", "cc_dropless"))
+    return dirs
+
+
+@functools.lru_cache(maxsize=None)
+def _jax_grouped_matmul():
+    """The custom-call grouped matmul with its VJP (JAX, CPU)."""
+    import ctypes
+
+    import jax
+    import numpy as np
+
+    path = next(
+        (os.path.join(d, DROPLESS_LIBRARY) for d in dropless_library_dirs()
+         if os.path.isfile(os.path.join(d, DROPLESS_LIBRARY))),
+        None,
+    )
+    if path is None:
+        raise RuntimeError(
+            f"grouped_matmul(implementation='custom_call') needs {DROPLESS_LIBRARY}, "
+            f"not found in {dropless_library_dirs()}. Build it with `bazel build "
+            "//tf_moe/ops/cc_dropless:libtf_moe_dropless_ffi.so`."
+        )
+    lib = ctypes.cdll.LoadLibrary(path)
+    for target, symbol in (
+        ("tf_moe_grouped_matmul", "TfMoeGroupedMatmulHost"),
+        ("tf_moe_grouped_matmul_kernel_grad", "TfMoeGroupedMatmulKernelGradHost"),
+    ):
+        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
+
+    def matmul(rows, kernel, tile_expert, transpose):
+        out_dim = kernel.shape[1] if transpose else kernel.shape[2]
+        return jax.ffi.ffi_call(
+            "tf_moe_grouped_matmul", jax.ShapeDtypeStruct((rows.shape[0], out_dim), rows.dtype)
+        )(rows, kernel, tile_expert, transpose_kernel=np.int64(transpose))
+
+    @jax.custom_vjp
+    def grouped(rows, kernel, tile_expert):
+        return matmul(rows, kernel, tile_expert, 0)
+
+    def grouped_fwd(rows, kernel, tile_expert):
+        return matmul(rows, kernel, tile_expert, 0), (rows, kernel, tile_expert)
+
+    def grouped_bwd(residuals, grad):
+        rows, kernel, tile_expert = residuals
+        d_rows = matmul(grad, kernel, tile_expert, 1)
+        d_kernel = jax.ffi.ffi_call(
+            "tf_moe_grouped_matmul_kernel_grad", jax.ShapeDtypeStruct(kernel.shape, kernel.dtype)
+        )(rows, grad, tile_expert)
+        return d_rows, d_kernel, np.zeros(tile_expert.shape, jax.dtypes.float0)
+
+    grouped.defvjp(grouped_fwd, grouped_bwd)
+    return grouped
+
+
+def _resolve_implementation(implementation):
+    if implementation not in GROUPED_MATMUL_IMPLEMENTATIONS:
+        raise ValueError(
+            f"`implementation` must be one of {GROUPED_MATMUL_IMPLEMENTATIONS}. "
+            f"Received: implementation={implementation!r}"
+        )
+    jax_backend = keras.backend.backend() == "jax"
+    if implementation in ("custom_call", "ragged_dot") and not jax_backend:
+        raise ValueError(
+            f"grouped_matmul(implementation={implementation!r}) needs the JAX "
+            f"backend. Received: backend {keras.backend.backend()!r}; use 'reference'."
+        )
+    if implementation != "auto":
+        return implementation
+    return "ragged_dot" if jax_backend else "reference"
+
+
+def grouped_matmul(rows, kernel, layout, implementation="auto"):
+    """out[r] = rows[r] @ kernel[expert(r)]. rows [N, a], kernel [E, a, b] ->
+    [N, b]; 0 for rows past the last segment.
+
+    `implementation`: "auto" ("ragged_dot" on JAX, else "reference"),
+    "custom_call" (JAX on CPU), "ragged_dot" (JAX) or "reference"."""
+    num_experts, a, b = kernel.shape
+    implementation = _resolve_implementation(implementation)
+    kernel = ops.cast(kernel, rows.dtype)
+    if implementation == "custom_call":
+        return _jax_grouped_matmul()(rows, kernel, layout.tile_expert)
+    if implementation == "ragged_dot":
+        import jax
+
+        # ragged_dot wants the groups to cover all N rows: the unused tail
+        # goes to the last expert, and its outputs (and so their gradients)
+        # are masked to 0.
+        tail = layout.num_rows - ops.sum(layout.group_sizes)
+        sizes = ops.concatenate(
+            [layout.group_sizes[:-1], layout.group_sizes[-1:] + tail], 0
+        )
+        out = jax.lax.ragged_dot(rows, kernel, sizes)
+        used = row_expert(layout) < num_experts  # [N]
+        return ops.where(used[:, None], out, ops.zeros_like(out))
+    tile = layout.tile
+    padded = ops.concatenate([kernel, ops.zeros((1, a, b), kernel.dtype)], 0)
+    weights = ops.take(padded, layout.tile_expert, axis=0)  # [N / tile, a, b]
+    tiles = ops.reshape(rows, (-1, tile, a))
+    out = ops.einsum("tra,tab->trb", tiles, weights)
+    return ops.reshape(out, (-1, b))
+
+
+def _row_bias(bias, layout, dtype):
+    """bias [E, 1, 1, b] -> [N, b] per row (0 past the last segment)."""
+    b = bias.shape[-1]
+    flat = ops.concatenate([ops.reshape(ops.cast(bias, dtype), (-1, b)), ops.zeros((1, b), dtype)], 0)
+    return ops.take(flat, row_expert(layout), axis=0)
+
+
+def experts_on_rows(experts, rows, layout, training=False, implementation="auto"):
+    """The `tf_moe.layers.Experts` FFNs on expert-sorted rows [N, d] -> [N, d]
+    (same math as `Experts.call` on [E, G, C, d] buffers)."""
+    from tf_moe.layers.experts import GATED_ACTIVATIONS, PLAIN_ACTIVATIONS
+
+    dtype = experts.compute_dtype
+    rows = ops.cast(rows, dtype)
+    hidden = grouped_matmul(rows, experts.wi, layout, implementation)  # [N, h]
+    if experts.use_bias:
+        hidden = hidden + _row_bias(experts.bi, layout, dtype)
+    if experts.gated:
+        gate = grouped_matmul(rows, experts.wi_gate, layout, implementation)
+        hidden = GATED_ACTIVATIONS[experts.activation](gate) * hidden
+    else:
+        hidden = PLAIN_ACTIVATIONS[experts.activation](hidden)
+    if training and experts.dropout > 0:
+        hidden = keras.random.dropout(
+            hidden, experts.dropout, seed=experts.dropout_layer.seed_generator
+        )
+    out = grouped_matmul(hidden, experts.wo, layout, implementation)  # [N, d]
+    if experts.use_bias:
+        out = out + _row_bias(experts.bo, layout, dtype)
+    return out
+
+
+def dropless_moe(groups, routing, experts, tile=1, training=False, implementation="auto"):
+    """groups [G, S, d] -> [G, S, d]: dispatch, experts and combine without
+    capacity. The hook for `MoE.route_and_compute` (capacity_factor=None)."""
+    layout = dropless_layout(routing, tile)
+    rows = dropless_dispatch(groups, layout)
+    out_rows = experts_on_rows(experts, rows, layout, training, implementation)
+    return dropless_combine(out_rows, routing, layout)
