@@ -290,13 +290,10 @@ ffi::Error DispatchCuda(cudaStream_t stream, ffi::ScratchAllocator scratch,
                         int64_t num_experts, int64_t capacity,
                         ffi::Result<ffi::AnyBuffer> out) {
   RoutingView r;
-  if (auto e = MakeRoutingView(expert_index, position, dispatch_mask,
-                               num_experts, capacity, &r);
-      !e.success()) {
-    return e;
-  }
   int64_t d;
-  if (auto e = CheckDataShapes(r, x, "x", *out, "output", &d); !e.success()) {
+  if (auto e = ValidateDispatch(x, expert_index, position, dispatch_mask,
+                                num_experts, capacity, *out, &r, &d);
+      !e.success()) {
     return e;
   }
   auto flag = NewErrorFlag(scratch, stream);
@@ -330,18 +327,10 @@ ffi::Error CombineCuda(cudaStream_t stream, ffi::ScratchAllocator scratch,
                        WeightBuffer combine_weight, int64_t num_experts,
                        int64_t capacity, ffi::Result<ffi::AnyBuffer> out) {
   RoutingView r;
-  if (auto e = MakeRoutingView(expert_index, position, dispatch_mask,
-                               num_experts, capacity, &r);
-      !e.success()) {
-    return e;
-  }
-  if (!DimsEqual(combine_weight.dimensions(), {r.groups, r.group_size, r.k})) {
-    return ShapeError("combine_weight", combine_weight.dimensions(),
-                      {r.groups, r.group_size, r.k});
-  }
   int64_t d;
-  if (auto e = CheckDataShapes(r, *out, "output", expert_outputs,
-                               "expert_outputs", &d);
+  if (auto e = ValidateCombine(expert_outputs, expert_index, position,
+                               dispatch_mask, combine_weight, num_experts,
+                               capacity, *out, &r, &d);
       !e.success()) {
     return e;
   }
@@ -374,25 +363,11 @@ ffi::Error CombineGradCuda(cudaStream_t stream, ffi::ScratchAllocator scratch,
                            ffi::Result<ffi::AnyBuffer> grad_expert_outputs,
                            ffi::Result<WeightBuffer> grad_combine_weight) {
   RoutingView r;
-  if (auto e = MakeRoutingView(expert_index, position, dispatch_mask,
-                               num_experts, capacity, &r);
-      !e.success()) {
-    return e;
-  }
-  for (auto dims : {combine_weight.dimensions(),
-                    grad_combine_weight->dimensions()}) {
-    if (!DimsEqual(dims, {r.groups, r.group_size, r.k})) {
-      return ShapeError("combine_weight", dims, {r.groups, r.group_size, r.k});
-    }
-  }
   int64_t d;
-  if (auto e = CheckDataShapes(r, grad_output, "grad_output", expert_outputs,
-                               "expert_outputs", &d);
-      !e.success()) {
-    return e;
-  }
-  if (auto e = CheckDataShapes(r, grad_output, "grad_output",
-                               *grad_expert_outputs, "grad_expert_outputs", &d);
+  if (auto e = ValidateCombineGrad(grad_output, expert_outputs, expert_index,
+                                   position, dispatch_mask, combine_weight,
+                                   num_experts, capacity, *grad_expert_outputs,
+                                   *grad_combine_weight, &r, &d);
       !e.success()) {
     return e;
   }
@@ -421,50 +396,24 @@ ffi::Error CombineGradCuda(cudaStream_t stream, ffi::ScratchAllocator scratch,
   return CheckErrorFlag(*flag, r, stream);
 }
 
+// FFI binding: the context (stream, scratch memory), then the op's
+// arguments (ffi_common.h).
+auto BindCuda() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::PlatformStream<cudaStream_t>>()
+      .Ctx<ffi::ScratchAllocator>();
+}
+
 }  // namespace
 }  // namespace tf_moe
 
 namespace ffi = ::xla::ffi;
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    TfMoeDispatchCuda, tf_moe::DispatchCuda,
-    ffi::Ffi::Bind()
-        .Ctx<ffi::PlatformStream<cudaStream_t>>()
-        .Ctx<ffi::ScratchAllocator>()
-        .Arg<ffi::AnyBuffer>()             // x [G, S, d]
-        .Arg<tf_moe::IndexBuffer>()        // expert_index [G, S, k]
-        .Arg<tf_moe::IndexBuffer>()        // position [G, S, k]
-        .Arg<tf_moe::MaskBuffer>()         // dispatch_mask [G, S, k]
-        .Attr<int64_t>("num_experts")      // E
-        .Attr<int64_t>("capacity")         // C
-        .Ret<ffi::AnyBuffer>());           // expert_inputs [E, G, C, d]
+XLA_FFI_DEFINE_HANDLER_SYMBOL(TfMoeDispatchCuda, tf_moe::DispatchCuda,
+                              tf_moe::BindDispatch(tf_moe::BindCuda()));
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    TfMoeCombineCuda, tf_moe::CombineCuda,
-    ffi::Ffi::Bind()
-        .Ctx<ffi::PlatformStream<cudaStream_t>>()
-        .Ctx<ffi::ScratchAllocator>()
-        .Arg<ffi::AnyBuffer>()             // expert_outputs [E, G, C, d]
-        .Arg<tf_moe::IndexBuffer>()        // expert_index [G, S, k]
-        .Arg<tf_moe::IndexBuffer>()        // position [G, S, k]
-        .Arg<tf_moe::MaskBuffer>()         // dispatch_mask [G, S, k]
-        .Arg<tf_moe::WeightBuffer>()       // combine_weight <f32>[G, S, k]
-        .Attr<int64_t>("num_experts")      // E
-        .Attr<int64_t>("capacity")         // C
-        .Ret<ffi::AnyBuffer>());           // outputs [G, S, d]
+XLA_FFI_DEFINE_HANDLER_SYMBOL(TfMoeCombineCuda, tf_moe::CombineCuda,
+                              tf_moe::BindCombine(tf_moe::BindCuda()));
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    TfMoeCombineGradCuda, tf_moe::CombineGradCuda,
-    ffi::Ffi::Bind()
-        .Ctx<ffi::PlatformStream<cudaStream_t>>()
-        .Ctx<ffi::ScratchAllocator>()
-        .Arg<ffi::AnyBuffer>()             // grad_output [G, S, d]
-        .Arg<ffi::AnyBuffer>()             // expert_outputs [E, G, C, d]
-        .Arg<tf_moe::IndexBuffer>()        // expert_index [G, S, k]
-        .Arg<tf_moe::IndexBuffer>()        // position [G, S, k]
-        .Arg<tf_moe::MaskBuffer>()         // dispatch_mask [G, S, k]
-        .Arg<tf_moe::WeightBuffer>()       // combine_weight <f32>[G, S, k]
-        .Attr<int64_t>("num_experts")      // E
-        .Attr<int64_t>("capacity")         // C
-        .Ret<ffi::AnyBuffer>()             // grad_expert_outputs [E, G, C, d]
-        .Ret<tf_moe::WeightBuffer>());     // grad_combine_weight <f32>[G, S, k]
+XLA_FFI_DEFINE_HANDLER_SYMBOL(TfMoeCombineGradCuda, tf_moe::CombineGradCuda,
+                              tf_moe::BindCombineGrad(tf_moe::BindCuda()));

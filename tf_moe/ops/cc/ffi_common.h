@@ -1,12 +1,15 @@
-// Shape checks and dtype dispatch shared by the CPU (ffi_handlers.cc) and
-// CUDA (ffi_handlers_cuda.cu.cc) XLA FFI handlers. Compiled against the XLA
-// FFI C API 0.2 headers that TensorFlow ships (see third_party/tensorflow).
+// Argument checks, dtype dispatch and FFI signatures shared by the CPU
+// (ffi_handlers.cc) and CUDA (dispatch_kernels.cu.cc) XLA FFI handlers.
+// Compiled against the XLA FFI C API 0.2 headers that TensorFlow ships (see
+// third_party/tensorflow).
 
 #ifndef TF_MOE_OPS_CC_FFI_COMMON_H_
 #define TF_MOE_OPS_CC_FFI_COMMON_H_
 
 #include <cstdint>
+#include <initializer_list>
 #include <string>
+#include <utility>
 
 #include "tf_moe/ops/cc/dispatch_core.h"
 #include "xla/ffi/api/ffi.h"
@@ -131,6 +134,126 @@ inline ffi::Error CheckDataShapes(const RoutingView& r,
         "` must have the same dtype.");
   }
   return ffi::Error::Success();
+}
+
+// Checks a combine weight (or its gradient) is [G, S, k].
+inline ffi::Error CheckWeightShape(const RoutingView& r,
+                                   ffi::Span<const int64_t> dims) {
+  if (DimsEqual(dims, {r.groups, r.group_size, r.k})) {
+    return ffi::Error::Success();
+  }
+  return ShapeError("combine_weight", dims, {r.groups, r.group_size, r.k});
+}
+
+// Argument checks of each op, shared by its CPU and CUDA handlers: buffer
+// shapes, dtypes, E and C. Each fills `r` and `d`; the routed index values
+// are checked by the handler (CPU: ValidateRouting, CUDA: on the device).
+
+inline ffi::Error ValidateDispatch(const ffi::AnyBuffer& x,
+                                   const IndexBuffer& expert_index,
+                                   const IndexBuffer& position,
+                                   const MaskBuffer& dispatch_mask,
+                                   int64_t num_experts, int64_t capacity,
+                                   const ffi::AnyBuffer& out, RoutingView* r,
+                                   int64_t* d) {
+  if (auto e = MakeRoutingView(expert_index, position, dispatch_mask,
+                               num_experts, capacity, r);
+      !e.success()) {
+    return e;
+  }
+  return CheckDataShapes(*r, x, "x", out, "output", d);
+}
+
+inline ffi::Error ValidateCombine(const ffi::AnyBuffer& expert_outputs,
+                                  const IndexBuffer& expert_index,
+                                  const IndexBuffer& position,
+                                  const MaskBuffer& dispatch_mask,
+                                  const WeightBuffer& combine_weight,
+                                  int64_t num_experts, int64_t capacity,
+                                  const ffi::AnyBuffer& out, RoutingView* r,
+                                  int64_t* d) {
+  if (auto e = MakeRoutingView(expert_index, position, dispatch_mask,
+                               num_experts, capacity, r);
+      !e.success()) {
+    return e;
+  }
+  if (auto e = CheckWeightShape(*r, combine_weight.dimensions());
+      !e.success()) {
+    return e;
+  }
+  return CheckDataShapes(*r, out, "output", expert_outputs, "expert_outputs",
+                         d);
+}
+
+inline ffi::Error ValidateCombineGrad(
+    const ffi::AnyBuffer& grad_output, const ffi::AnyBuffer& expert_outputs,
+    const IndexBuffer& expert_index, const IndexBuffer& position,
+    const MaskBuffer& dispatch_mask, const WeightBuffer& combine_weight,
+    int64_t num_experts, int64_t capacity,
+    const ffi::AnyBuffer& grad_expert_outputs,
+    const WeightBuffer& grad_combine_weight, RoutingView* r, int64_t* d) {
+  if (auto e = MakeRoutingView(expert_index, position, dispatch_mask,
+                               num_experts, capacity, r);
+      !e.success()) {
+    return e;
+  }
+  for (const WeightBuffer* weight : {&combine_weight, &grad_combine_weight}) {
+    if (auto e = CheckWeightShape(*r, weight->dimensions()); !e.success()) {
+      return e;
+    }
+  }
+  if (auto e = CheckDataShapes(*r, grad_output, "grad_output", expert_outputs,
+                               "expert_outputs", d);
+      !e.success()) {
+    return e;
+  }
+  return CheckDataShapes(*r, grad_output, "grad_output", grad_expert_outputs,
+                         "grad_expert_outputs", d);
+}
+
+// Each op's FFI signature after the platform's context arguments, for
+// XLA_FFI_DEFINE_HANDLER_SYMBOL: one list for the CPU and CUDA handlers.
+// Shape letters: G groups, S tokens per group, k choices per token, E experts,
+// C capacity, d model dim.
+
+template <typename Binding>
+auto BindDispatch(Binding binding) {
+  return std::move(binding)
+      .template Arg<ffi::AnyBuffer>()   // x [G, S, d]
+      .template Arg<IndexBuffer>()      // expert_index [G, S, k]
+      .template Arg<IndexBuffer>()      // position [G, S, k]
+      .template Arg<MaskBuffer>()       // dispatch_mask [G, S, k]
+      .template Attr<int64_t>("num_experts")  // E
+      .template Attr<int64_t>("capacity")  // C
+      .template Ret<ffi::AnyBuffer>();  // expert_inputs [E, G, C, d]
+}
+
+template <typename Binding>
+auto BindCombine(Binding binding) {
+  return std::move(binding)
+      .template Arg<ffi::AnyBuffer>()   // expert_outputs [E, G, C, d]
+      .template Arg<IndexBuffer>()      // expert_index [G, S, k]
+      .template Arg<IndexBuffer>()      // position [G, S, k]
+      .template Arg<MaskBuffer>()       // dispatch_mask [G, S, k]
+      .template Arg<WeightBuffer>()     // combine_weight <f32>[G, S, k]
+      .template Attr<int64_t>("num_experts")  // E
+      .template Attr<int64_t>("capacity")  // C
+      .template Ret<ffi::AnyBuffer>();  // outputs [G, S, d]
+}
+
+template <typename Binding>
+auto BindCombineGrad(Binding binding) {
+  return std::move(binding)
+      .template Arg<ffi::AnyBuffer>()   // grad_output [G, S, d]
+      .template Arg<ffi::AnyBuffer>()   // expert_outputs [E, G, C, d]
+      .template Arg<IndexBuffer>()      // expert_index [G, S, k]
+      .template Arg<IndexBuffer>()      // position [G, S, k]
+      .template Arg<MaskBuffer>()       // dispatch_mask [G, S, k]
+      .template Arg<WeightBuffer>()     // combine_weight <f32>[G, S, k]
+      .template Attr<int64_t>("num_experts")  // E
+      .template Attr<int64_t>("capacity")  // C
+      .template Ret<ffi::AnyBuffer>()   // grad_expert_outputs [E, G, C, d]
+      .template Ret<WeightBuffer>();    // grad_combine_weight <f32>[G, S, k]
 }
 
 }  // namespace tf_moe

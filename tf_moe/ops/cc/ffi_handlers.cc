@@ -30,13 +30,10 @@ ffi::Error DispatchHost(ffi::AnyBuffer x, IndexBuffer expert_index,
                         int64_t num_experts, int64_t capacity,
                         ffi::Result<ffi::AnyBuffer> out) {
   RoutingView r;
-  if (auto e = MakeRoutingView(expert_index, position, dispatch_mask,
-                               num_experts, capacity, &r);
-      !e.success()) {
-    return e;
-  }
   int64_t d;
-  if (auto e = CheckDataShapes(r, x, "x", *out, "output", &d); !e.success()) {
+  if (auto e = ValidateDispatch(x, expert_index, position, dispatch_mask,
+                                num_experts, capacity, *out, &r, &d);
+      !e.success()) {
     return e;
   }
   if (auto e = RoutingError(r); !e.success()) return e;
@@ -53,18 +50,10 @@ ffi::Error CombineHost(ffi::AnyBuffer expert_outputs, IndexBuffer expert_index,
                        WeightBuffer combine_weight, int64_t num_experts,
                        int64_t capacity, ffi::Result<ffi::AnyBuffer> out) {
   RoutingView r;
-  if (auto e = MakeRoutingView(expert_index, position, dispatch_mask,
-                               num_experts, capacity, &r);
-      !e.success()) {
-    return e;
-  }
-  if (!DimsEqual(combine_weight.dimensions(), {r.groups, r.group_size, r.k})) {
-    return ShapeError("combine_weight", combine_weight.dimensions(),
-                      {r.groups, r.group_size, r.k});
-  }
   int64_t d;
-  if (auto e = CheckDataShapes(r, *out, "output", expert_outputs,
-                               "expert_outputs", &d);
+  if (auto e = ValidateCombine(expert_outputs, expert_index, position,
+                               dispatch_mask, combine_weight, num_experts,
+                               capacity, *out, &r, &d);
       !e.success()) {
     return e;
   }
@@ -87,25 +76,11 @@ ffi::Error CombineGradHost(ffi::AnyBuffer grad_output,
                            ffi::Result<ffi::AnyBuffer> grad_expert_outputs,
                            ffi::Result<WeightBuffer> grad_combine_weight) {
   RoutingView r;
-  if (auto e = MakeRoutingView(expert_index, position, dispatch_mask,
-                               num_experts, capacity, &r);
-      !e.success()) {
-    return e;
-  }
-  for (auto dims : {combine_weight.dimensions(),
-                    grad_combine_weight->dimensions()}) {
-    if (!DimsEqual(dims, {r.groups, r.group_size, r.k})) {
-      return ShapeError("combine_weight", dims, {r.groups, r.group_size, r.k});
-    }
-  }
   int64_t d;
-  if (auto e = CheckDataShapes(r, grad_output, "grad_output", expert_outputs,
-                               "expert_outputs", &d);
-      !e.success()) {
-    return e;
-  }
-  if (auto e = CheckDataShapes(r, grad_output, "grad_output",
-                               *grad_expert_outputs, "grad_expert_outputs", &d);
+  if (auto e = ValidateCombineGrad(grad_output, expert_outputs, expert_index,
+                                   position, dispatch_mask, combine_weight,
+                                   num_experts, capacity, *grad_expert_outputs,
+                                   *grad_combine_weight, &r, &d);
       !e.success()) {
     return e;
   }
@@ -126,39 +101,11 @@ ffi::Error CombineGradHost(ffi::AnyBuffer grad_output,
 
 namespace ffi = ::xla::ffi;
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    TfMoeDispatchHost, tf_moe::DispatchHost,
-    ffi::Ffi::Bind()
-        .Arg<ffi::AnyBuffer>()             // x [G, S, d]
-        .Arg<tf_moe::IndexBuffer>()        // expert_index [G, S, k]
-        .Arg<tf_moe::IndexBuffer>()        // position [G, S, k]
-        .Arg<tf_moe::MaskBuffer>()         // dispatch_mask [G, S, k]
-        .Attr<int64_t>("num_experts")      // E
-        .Attr<int64_t>("capacity")         // C
-        .Ret<ffi::AnyBuffer>());           // expert_inputs [E, G, C, d]
+XLA_FFI_DEFINE_HANDLER_SYMBOL(TfMoeDispatchHost, tf_moe::DispatchHost,
+                              tf_moe::BindDispatch(ffi::Ffi::Bind()));
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    TfMoeCombineHost, tf_moe::CombineHost,
-    ffi::Ffi::Bind()
-        .Arg<ffi::AnyBuffer>()             // expert_outputs [E, G, C, d]
-        .Arg<tf_moe::IndexBuffer>()        // expert_index [G, S, k]
-        .Arg<tf_moe::IndexBuffer>()        // position [G, S, k]
-        .Arg<tf_moe::MaskBuffer>()         // dispatch_mask [G, S, k]
-        .Arg<tf_moe::WeightBuffer>()       // combine_weight <f32>[G, S, k]
-        .Attr<int64_t>("num_experts")      // E
-        .Attr<int64_t>("capacity")         // C
-        .Ret<ffi::AnyBuffer>());           // outputs [G, S, d]
+XLA_FFI_DEFINE_HANDLER_SYMBOL(TfMoeCombineHost, tf_moe::CombineHost,
+                              tf_moe::BindCombine(ffi::Ffi::Bind()));
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    TfMoeCombineGradHost, tf_moe::CombineGradHost,
-    ffi::Ffi::Bind()
-        .Arg<ffi::AnyBuffer>()             // grad_output [G, S, d]
-        .Arg<ffi::AnyBuffer>()             // expert_outputs [E, G, C, d]
-        .Arg<tf_moe::IndexBuffer>()        // expert_index [G, S, k]
-        .Arg<tf_moe::IndexBuffer>()        // position [G, S, k]
-        .Arg<tf_moe::MaskBuffer>()         // dispatch_mask [G, S, k]
-        .Arg<tf_moe::WeightBuffer>()       // combine_weight <f32>[G, S, k]
-        .Attr<int64_t>("num_experts")      // E
-        .Attr<int64_t>("capacity")         // C
-        .Ret<ffi::AnyBuffer>()             // grad_expert_outputs [E, G, C, d]
-        .Ret<tf_moe::WeightBuffer>());     // grad_combine_weight <f32>[G, S, k]
+XLA_FFI_DEFINE_HANDLER_SYMBOL(TfMoeCombineGradHost, tf_moe::CombineGradHost,
+                              tf_moe::BindCombineGrad(ffi::Ffi::Bind()));

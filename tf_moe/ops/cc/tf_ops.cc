@@ -367,6 +367,13 @@ class FfiCallOp : public XlaOpKernel {
                            xla::CustomCallApiVersion::API_VERSION_TYPED_FFI);
   }
 
+  // The call with one result, of input 0's dtype and shape `dims`.
+  void SetCallOutput(XlaOpKernelContext* ctx,
+                     absl::Span<const int64_t> dims) {
+    ctx->SetOutput(
+        0, Call(ctx, xla::ShapeUtil::MakeShape(ctx->input_xla_type(0), dims)));
+  }
+
   std::string target_;
   int64_t num_experts_;
   int64_t capacity_;
@@ -381,10 +388,8 @@ class DispatchXlaOp : public FfiCallOp {
     OP_REQUIRES(ctx, x.dims() == 3,
                 errors::InvalidArgument("tf_moe: `x` must have rank 3. "
                                         "Received: ", x.DebugString()));
-    ctx->SetOutput(0, Call(ctx, xla::ShapeUtil::MakeShape(
-                                    ctx->input_xla_type(0),
-                                    {num_experts_, x.dim_size(0), capacity_,
-                                     x.dim_size(2)})));
+    SetCallOutput(ctx, {num_experts_, x.dim_size(0), capacity_,
+                        x.dim_size(2)});
   }
 };
 
@@ -400,10 +405,8 @@ class CombineXlaOp : public FfiCallOp {
                     "tf_moe: `expert_outputs` must have rank 4 and the routing "
                     "rank 3. Received: ", y.DebugString(), ", ",
                     routing.DebugString()));
-    ctx->SetOutput(0, Call(ctx, xla::ShapeUtil::MakeShape(
-                                    ctx->input_xla_type(0),
-                                    {routing.dim_size(0), routing.dim_size(1),
-                                     y.dim_size(3)})));
+    SetCallOutput(ctx,
+                  {routing.dim_size(0), routing.dim_size(1), y.dim_size(3)});
   }
 };
 

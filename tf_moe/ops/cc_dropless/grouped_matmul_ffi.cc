@@ -10,39 +10,14 @@
 #include <string>
 
 #include "tf_moe/ops/cc/dispatch_core.h"
+#include "tf_moe/ops/cc/ffi_common.h"
 #include "tf_moe/ops/cc_dropless/grouped_matmul_core.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace tf_moe {
 namespace {
 
-namespace ffi = ::xla::ffi;
 using TileBuffer = ffi::Buffer<ffi::S32>;
-
-template <typename Fn>
-ffi::Error ForFloatType(ffi::DataType dtype, Fn&& fn) {
-  switch (dtype) {
-    case ffi::DataType::F32:
-      return fn(float{});
-    case ffi::DataType::BF16:
-      return fn(bf16_t{});
-    case ffi::DataType::F16:
-      return fn(f16_t{});
-    default:
-      return ffi::Error::InvalidArgument(
-          "tf_moe: unsupported dtype (float32, bfloat16 and float16 are "
-          "supported). Received: XLA FFI dtype " +
-          std::to_string(static_cast<int>(dtype)));
-  }
-}
-
-std::string Dims(ffi::Span<const int64_t> dims) {
-  std::string s = "[";
-  for (size_t i = 0; i < dims.size(); ++i) {
-    s += (i ? ", " : "") + std::to_string(dims[i]);
-  }
-  return s + "]";
-}
 
 // Checks rows [N, x] against tile_expert [N / tile] and returns the tile.
 ffi::Error CheckRows(const ffi::AnyBuffer& rows, const char* name,
@@ -52,8 +27,8 @@ ffi::Error CheckRows(const ffi::AnyBuffer& rows, const char* name,
   if (r.size() != 2 || t.size() != 1 || t[0] < 1 || r[0] % t[0] != 0) {
     return ffi::Error::InvalidArgument(
         std::string("tf_moe: `") + name + "` must be [N, x] and tile_expert " +
-        "[N / tile]. Received: " + name + ".shape=" + Dims(r) +
-        ", tile_expert.shape=" + Dims(t));
+        "[N / tile]. Received: " + name + ".shape=" + DimsToString(r) +
+        ", tile_expert.shape=" + DimsToString(t));
   }
   *tile = r[0] / t[0];
   return ffi::Error::Success();
@@ -85,12 +60,12 @@ ffi::Error GroupedMatmulHost(ffi::AnyBuffer rows, ffi::AnyBuffer kernel,
     return ffi::Error::InvalidArgument(
         "tf_moe: grouped matmul needs rows [N, a], kernel [E, a, b] ([E, b, "
         "a] when transposed) and output [N, b] of one dtype. Received: "
-        "rows.shape=" + Dims(r) + ", kernel.shape=" + Dims(k) +
-        ", output.shape=" + Dims(o) +
+        "rows.shape=" + DimsToString(r) + ", kernel.shape=" + DimsToString(k) +
+        ", output.shape=" + DimsToString(o) +
         ", transpose_kernel=" + std::to_string(transpose_kernel));
   }
   if (auto e = CheckTiles(tile_expert, k[0]); !e.success()) return e;
-  return ForFloatType(rows.element_type(), [&](auto t) {
+  return DispatchFloatType(rows.element_type(), [&](auto t) {
     using T = decltype(t);
     GroupedMatmul<T>(static_cast<const T*>(rows.untyped_data()),
                      static_cast<const T*>(kernel.untyped_data()),
@@ -117,11 +92,11 @@ ffi::Error GroupedMatmulKernelGradHost(ffi::AnyBuffer rows, ffi::AnyBuffer grad,
     return ffi::Error::InvalidArgument(
         "tf_moe: grouped matmul kernel gradient needs rows [N, a], grad "
         "[N, b] and kernel_grad [E, a, b] of one dtype. Received: "
-        "rows.shape=" + Dims(r) + ", grad.shape=" + Dims(g) +
-        ", kernel_grad.shape=" + Dims(k));
+        "rows.shape=" + DimsToString(r) + ", grad.shape=" + DimsToString(g) +
+        ", kernel_grad.shape=" + DimsToString(k));
   }
   if (auto e = CheckTiles(tile_expert, k[0]); !e.success()) return e;
-  return ForFloatType(rows.element_type(), [&](auto t) {
+  return DispatchFloatType(rows.element_type(), [&](auto t) {
     using T = decltype(t);
     GroupedMatmulKernelGrad<T>(static_cast<const T*>(rows.untyped_data()),
                                static_cast<const T*>(grad.untyped_data()),
