@@ -19,7 +19,7 @@ def get_config():
                                    # (tf_moe_translate_en_de / tf_moe_lm_en); or a tfds
                                    # name, e.g. "wmt14_translate/de-en", "lm1b"
         data_dir=config_dict.placeholder(str),  # default: ~/tensorflow_datasets
-        vocab_size=8192,
+        vocab_size=8000,
         sequence_length=64,        # tokens per example
         source_language="en",      # translate only
         target_language="de",      # translate only
@@ -58,7 +58,7 @@ def get_config():
         learning_rate=1e-3,
         warmup_steps=100,
         log_every=20,
-        jit_compile=True,
+        jit_compile=config_dict.placeholder(bool),  # None: XLA except TF on CPU
     ))
     config.eval = config_dict.ConfigDict(dict(
         # Used by task="translate" only (BLEU); kept so that --config.task=translate works.

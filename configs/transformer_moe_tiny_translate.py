@@ -52,13 +52,13 @@ def get_config():
     ))
     config.train = config_dict.ConfigDict(dict(
         batch_size=32,
-        steps=2000,
+        steps=1000,
         checkpoint_every=200,
         keep_checkpoints=3,
         learning_rate=1e-3,
         warmup_steps=200,
         log_every=20,
-        jit_compile=True,
+        jit_compile=config_dict.placeholder(bool),  # None: XLA except TF on CPU
     ))
     config.eval = config_dict.ConfigDict(dict(
         beam_size=4,
