@@ -16,18 +16,10 @@ import keras
 from keras import ops
 
 from tf_moe import metrics
-from tf_moe._validation import (
-    check_capacity_factor,
-    check_choice,
-    check_fraction,
-    check_k,
-    check_non_negative,
-    check_positive_int,
-)
-from tf_moe.layers.experts import EXPERT_ACTIVATIONS, Experts
+from tf_moe._validation import check_k, check_non_negative, check_positive_int
 from tf_moe.layers.moe import GroupedMoELayer
 from tf_moe.ops import dispatch as dispatch_lib
-from tf_moe.routing import expert_capacity, losses, noisy_top_k_routing
+from tf_moe.routing import losses, noisy_top_k_routing
 
 
 def hierarchical_importance(slot_gate, secondary_gates):
@@ -86,6 +78,7 @@ class HierarchicalMoE(GroupedMoELayer):
         load_loss_weight: float >= 0, default 0.1.
         noise_epsilon: float >= 0, default 1e-2.
         seed: int or None.
+        expert_kernel_initializer: as for `MoE`.
 
     Call arguments / shapes: as for `MoE`.
 
@@ -114,49 +107,39 @@ class HierarchicalMoE(GroupedMoELayer):
         load_loss_weight=0.1,
         noise_epsilon=1e-2,
         seed=None,
+        expert_kernel_initializer=None,
         **kwargs,
     ):
-        super().__init__(group_size=group_size, **kwargs)
         check_positive_int("num_groups", num_groups)
         check_positive_int("experts_per_group", experts_per_group)
-        check_positive_int("expert_hidden_dim", expert_hidden_dim)
         check_k(primary_k, num_groups)
         check_k(secondary_k, experts_per_group)
-        check_choice("expert_activation", expert_activation, EXPERT_ACTIVATIONS)
-        check_fraction("expert_dropout", expert_dropout)
-        check_capacity_factor("capacity_factor", capacity_factor)
-        check_capacity_factor("eval_capacity_factor", eval_capacity_factor)
-        check_positive_int("min_capacity", min_capacity)
-        check_choice("dispatch", dispatch, dispatch_lib.DISPATCH_METHODS)
         check_non_negative("importance_loss_weight", importance_loss_weight)
         check_non_negative("load_loss_weight", load_loss_weight)
         check_non_negative("noise_epsilon", noise_epsilon)
+        super().__init__(
+            num_groups * experts_per_group,
+            expert_hidden_dim,
+            expert_activation=expert_activation,
+            expert_dropout=expert_dropout,
+            expert_use_bias=expert_use_bias,
+            capacity_factor=capacity_factor,
+            eval_capacity_factor=eval_capacity_factor,
+            min_capacity=min_capacity,
+            group_size=group_size,
+            dispatch=dispatch,
+            expert_kernel_initializer=expert_kernel_initializer,
+            **kwargs,
+        )
         self.num_groups = num_groups
         self.experts_per_group = experts_per_group
-        self.expert_hidden_dim = expert_hidden_dim
         self.primary_k = primary_k
         self.secondary_k = secondary_k
-        self.expert_activation = expert_activation
-        self.expert_dropout = expert_dropout
-        self.expert_use_bias = expert_use_bias
-        self.capacity_factor = capacity_factor
-        self.eval_capacity_factor = eval_capacity_factor
-        self.min_capacity = min_capacity
-        self.dispatch = dispatch
         self.importance_loss_weight = float(importance_loss_weight)
         self.load_loss_weight = float(load_loss_weight)
         self.noise_epsilon = float(noise_epsilon)
         self.seed = seed
         self.seed_generator = keras.random.SeedGenerator(seed)
-        self.experts = Experts(
-            num_groups * experts_per_group,
-            expert_hidden_dim,
-            activation=expert_activation,
-            use_bias=expert_use_bias,
-            dropout=expert_dropout,
-            dtype=self.dtype_policy,
-            name="experts",
-        )
 
     def build(self, input_shape):
         super().build(input_shape)
@@ -197,10 +180,6 @@ class HierarchicalMoE(GroupedMoELayer):
         shapes.update({name: () for name in names})
         return shapes
 
-    def _capacity(self, group_size, num_experts, k, training):
-        factor = self.capacity_factor if training else self.eval_capacity_factor
-        return expert_capacity(group_size, num_experts, factor, k, self.min_capacity)
-
     def _noise(self, x, kernel_equation, noise_kernel, logits, training):
         """(stddev, noise) of noisy gating, or (None, None) outside training."""
         if not training:
@@ -211,9 +190,7 @@ class HierarchicalMoE(GroupedMoELayer):
 
     def route_and_compute(self, groups, token_mask, training):
         a, b, d = self.num_groups, self.experts_per_group, self.feature_dim
-        dispatch, combine = dispatch_lib.DISPATCHERS[
-            dispatch_lib.resolve_dispatch(self.dispatch)
-        ]
+        dispatch, combine = self._dispatchers()
         # Primary gate over groups.
         x = ops.cast(groups, "float32")  # [G, S, d]
         logits = ops.einsum("gsd,da->gsa", x, self.primary_kernel)  # [G, S, a]
@@ -293,16 +270,8 @@ class HierarchicalMoE(GroupedMoELayer):
             {
                 "num_groups": self.num_groups,
                 "experts_per_group": self.experts_per_group,
-                "expert_hidden_dim": self.expert_hidden_dim,
                 "primary_k": self.primary_k,
                 "secondary_k": self.secondary_k,
-                "expert_activation": self.expert_activation,
-                "expert_dropout": self.expert_dropout,
-                "expert_use_bias": self.expert_use_bias,
-                "capacity_factor": self.capacity_factor,
-                "eval_capacity_factor": self.eval_capacity_factor,
-                "min_capacity": self.min_capacity,
-                "dispatch": self.dispatch,
                 "importance_loss_weight": self.importance_loss_weight,
                 "load_loss_weight": self.load_loss_weight,
                 "noise_epsilon": self.noise_epsilon,

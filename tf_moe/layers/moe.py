@@ -79,20 +79,76 @@ def group_tokens(tokens, group_size):
 
 
 class GroupedMoELayer(keras.layers.Layer):
-    """Shared plumbing of the MoE layers: input checks, token groups, aux
-    losses and routing statistics. Subclasses implement
-    `route_and_compute(groups, token_mask, training) -> (outputs, stats)` and
-    `stat_names()`.
+    """Shared plumbing of the MoE layers: expert and capacity arguments, input
+    checks, token groups, aux losses and routing statistics. Subclasses
+    implement `route_and_compute(groups, token_mask, training) ->
+    (outputs, stats)`, `stat_shapes()`, `loss_names` and
+    `active_expert_fraction`.
 
     Args:
-        group_size: int >= 1, tokens per routing group (S).
+        total_experts: int >= 1, the number of expert FFNs (validated by the
+            subclass under its own argument names).
+        expert_hidden_dim, expert_activation, expert_dropout, expert_use_bias,
+        capacity_factor, eval_capacity_factor, min_capacity, group_size,
+        dispatch, expert_kernel_initializer: as documented by `MoE`.
         **kwargs: base `Layer` arguments.
     """
 
-    def __init__(self, group_size=1024, **kwargs):
+    def __init__(
+        self,
+        total_experts,
+        expert_hidden_dim,
+        expert_activation="relu",
+        expert_dropout=0.0,
+        expert_use_bias=True,
+        capacity_factor=1.25,
+        eval_capacity_factor=2.0,
+        min_capacity=4,
+        group_size=1024,
+        dispatch="auto",
+        expert_kernel_initializer=None,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
+        check_positive_int("expert_hidden_dim", expert_hidden_dim)
+        check_choice("expert_activation", expert_activation, EXPERT_ACTIVATIONS)
+        check_fraction("expert_dropout", expert_dropout)
+        check_capacity_factor("capacity_factor", capacity_factor)
+        check_capacity_factor("eval_capacity_factor", eval_capacity_factor)
+        check_positive_int("min_capacity", min_capacity)
         check_positive_int("group_size", group_size)
+        check_choice("dispatch", dispatch, dispatch_lib.DISPATCH_METHODS)
+        self.expert_hidden_dim = expert_hidden_dim
+        self.expert_activation = expert_activation
+        self.expert_dropout = expert_dropout
+        self.expert_use_bias = expert_use_bias
+        self.capacity_factor = capacity_factor
+        self.eval_capacity_factor = eval_capacity_factor
+        self.min_capacity = min_capacity
         self.group_size = group_size
+        self.dispatch = dispatch
+        self.expert_kernel_initializer = expert_kernel_initializer
+        self.experts = Experts(
+            total_experts,
+            expert_hidden_dim,
+            activation=expert_activation,
+            use_bias=expert_use_bias,
+            dropout=expert_dropout,
+            kernel_initializer=expert_kernel_initializer,
+            dtype=self.dtype_policy,
+            name="experts",
+        )
+
+    def _capacity(self, group_size, num_experts, choices_per_token, training):
+        """Slots per expert for a group of `group_size` tokens (or slots)."""
+        factor = self.capacity_factor if training else self.eval_capacity_factor
+        return expert_capacity(
+            group_size, num_experts, factor, choices_per_token, self.min_capacity
+        )
+
+    def _dispatchers(self):
+        """(dispatch, combine) functions of the configured dispatch path."""
+        return dispatch_lib.DISPATCHERS[dispatch_lib.resolve_dispatch(self.dispatch)]
 
     def build(self, input_shape):
         if len(input_shape) not in (2, 3):
@@ -173,7 +229,28 @@ class GroupedMoELayer(keras.layers.Layer):
         return input_shape
 
     def get_config(self):
-        return {**super().get_config(), "group_size": self.group_size}
+        config = super().get_config()
+        config.update(
+            {
+                "expert_hidden_dim": self.expert_hidden_dim,
+                "expert_activation": self.expert_activation,
+                "expert_dropout": self.expert_dropout,
+                "expert_use_bias": self.expert_use_bias,
+                "capacity_factor": self.capacity_factor,
+                "eval_capacity_factor": self.eval_capacity_factor,
+                "min_capacity": self.min_capacity,
+                "group_size": self.group_size,
+                "dispatch": self.dispatch,
+                "expert_kernel_initializer": (
+                    None
+                    if self.expert_kernel_initializer is None
+                    else keras.initializers.serialize(
+                        keras.initializers.get(self.expert_kernel_initializer)
+                    )
+                ),
+            }
+        )
+        return config
 
 
 @keras.saving.register_keras_serializable(package="tf_moe")
@@ -239,36 +316,23 @@ class MoE(GroupedMoELayer):
         expert_kernel_initializer=None,
         **kwargs,
     ):
-        super().__init__(group_size=group_size, **kwargs)
         check_positive_int("num_experts", num_experts)
-        check_positive_int("expert_hidden_dim", expert_hidden_dim)
-        check_choice("expert_activation", expert_activation, EXPERT_ACTIVATIONS)
-        check_fraction("expert_dropout", expert_dropout)
-        check_capacity_factor("capacity_factor", capacity_factor)
-        check_capacity_factor("eval_capacity_factor", eval_capacity_factor)
-        check_positive_int("min_capacity", min_capacity)
-        check_choice("dispatch", dispatch, dispatch_lib.DISPATCH_METHODS)
-        self.num_experts = num_experts
-        self.expert_hidden_dim = expert_hidden_dim
-        self.expert_activation = expert_activation
-        self.expert_dropout = expert_dropout
-        self.expert_use_bias = expert_use_bias
-        self.router = bind_router(router, num_experts)
-        self.capacity_factor = capacity_factor
-        self.eval_capacity_factor = eval_capacity_factor
-        self.min_capacity = min_capacity
-        self.dispatch = dispatch
-        self.expert_kernel_initializer = expert_kernel_initializer
-        self.experts = Experts(
+        super().__init__(
             num_experts,
             expert_hidden_dim,
-            activation=expert_activation,
-            use_bias=expert_use_bias,
-            dropout=expert_dropout,
-            kernel_initializer=expert_kernel_initializer,
-            dtype=self.dtype_policy,
-            name="experts",
+            expert_activation=expert_activation,
+            expert_dropout=expert_dropout,
+            expert_use_bias=expert_use_bias,
+            capacity_factor=capacity_factor,
+            eval_capacity_factor=eval_capacity_factor,
+            min_capacity=min_capacity,
+            group_size=group_size,
+            dispatch=dispatch,
+            expert_kernel_initializer=expert_kernel_initializer,
+            **kwargs,
         )
+        self.num_experts = num_experts
+        self.router = bind_router(router, num_experts)
 
     def build(self, input_shape):
         super().build(input_shape)
@@ -295,13 +359,8 @@ class MoE(GroupedMoELayer):
 
     def capacity(self, group_size, training):
         """Slots per expert per group for a group of `group_size` tokens."""
-        factor = self.capacity_factor if training else self.eval_capacity_factor
-        return expert_capacity(
-            group_size,
-            self.num_experts,
-            factor,
-            self.router.choices_per_token,
-            self.min_capacity,
+        return self._capacity(
+            group_size, self.num_experts, self.router.choices_per_token, training
         )
 
     def route_and_compute(self, groups, token_mask, training):
@@ -309,9 +368,7 @@ class MoE(GroupedMoELayer):
         routing = self.router.route(
             groups, self.capacity(group_size, training), token_mask, training
         )
-        dispatch, combine = dispatch_lib.DISPATCHERS[
-            dispatch_lib.resolve_dispatch(self.dispatch)
-        ]
+        dispatch, combine = self._dispatchers()
         expert_outputs = self.experts(dispatch(groups, routing), training=training)
         return combine(expert_outputs, routing), metrics.routing_stats(routing)
 
@@ -320,22 +377,7 @@ class MoE(GroupedMoELayer):
         config.update(
             {
                 "num_experts": self.num_experts,
-                "expert_hidden_dim": self.expert_hidden_dim,
-                "expert_activation": self.expert_activation,
-                "expert_dropout": self.expert_dropout,
-                "expert_use_bias": self.expert_use_bias,
                 "router": _unbuilt(keras.saving.serialize_keras_object(self.router)),
-                "capacity_factor": self.capacity_factor,
-                "eval_capacity_factor": self.eval_capacity_factor,
-                "min_capacity": self.min_capacity,
-                "dispatch": self.dispatch,
-                "expert_kernel_initializer": (
-                    None
-                    if self.expert_kernel_initializer is None
-                    else keras.initializers.serialize(
-                        keras.initializers.get(self.expert_kernel_initializer)
-                    )
-                ),
             }
         )
         return config
