@@ -1,7 +1,6 @@
 """Every LSTM-MoE config loads, passes the trainer's checks, and builds its
 model (at reduced width, so the test stays small)."""
 
-import keras
 import numpy as np
 from absl.testing import absltest, parameterized
 
