@@ -15,8 +15,6 @@ Usage:
 import argparse
 import json
 import os
-import statistics
-import time
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
 
@@ -27,18 +25,13 @@ import numpy as np  # noqa: E402
 
 import tf_moe  # noqa: E402
 from tf_moe.ops import dispatch as dispatch_lib  # noqa: E402
+from moe_layer import time_step  # noqa: E402  (benchmarks/ is sys.path[0])
 
 
 def timed(fn, *args, warmup=3, iters=20):
+    """Median ms of jit(fn)(*args), with moe_layer.py's timer."""
     fn = jax.jit(fn)
-    for _ in range(warmup):
-        jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+    return time_step(lambda: jax.block_until_ready(fn(*args)), warmup, iters)[0] * 1e3
 
 
 def stateless_grad(layer, x, cotangent):

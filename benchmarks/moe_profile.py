@@ -52,6 +52,7 @@ import numpy as np  # noqa: E402
 import tf_moe  # noqa: E402
 from tf_moe import metrics as metrics_lib  # noqa: E402
 from tf_moe.ops import dropless as dropless_lib  # noqa: E402
+from moe_layer import time_step  # noqa: E402  (benchmarks/ is sys.path[0])
 from tf_moe.routing import capacity as capacity_lib  # noqa: E402
 
 WHAT_IFS = tuple(
@@ -188,14 +189,9 @@ def make_step(layer, x, cotangent):
 
 
 def time_fn(fn, fargs, warmup, iters):
-    for _ in range(warmup):
-        jax.block_until_ready(fn(*fargs))
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*fargs))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3, min(times) * 1e3
+    """(median ms, best ms) of `fn(*fargs)`, with moe_layer.py's timer."""
+    median, best = time_step(lambda: jax.block_until_ready(fn(*fargs)), warmup, iters)
+    return median * 1e3, best * 1e3
 
 
 # ---------------------------------------------------------------- HLO metadata
