@@ -26,6 +26,7 @@ from keras import ops
 import tf_moe
 from tf_moe.ops import dispatch as dispatch_lib
 from tf_moe.ops import dropless
+from tf_moe.ops import grouped_matmul as grouped_matmul_lib
 from tf_moe.routing import Routing
 
 
@@ -198,7 +199,7 @@ class GroupedMatmulTest(parameterized.TestCase):
         kernel = to_numpy(ops.cast(ops.cast(kernel, dtype), "float32"))
 
         def fn(r, w):
-            return dropless.grouped_matmul(
+            return grouped_matmul_lib.grouped_matmul(
                 ops.cast(r, dtype), ops.cast(w, dtype), layout, implementation
             )
 
@@ -234,21 +235,21 @@ class GroupedMatmulTest(parameterized.TestCase):
         kernel = np.ones((2, 2, 3), np.float32)
         if keras.backend.backend() != "jax":
             with self.assertRaisesRegex(ValueError, "JAX"):
-                dropless.grouped_matmul(rows, kernel, bad, "custom_call")
+                grouped_matmul_lib.grouped_matmul(rows, kernel, bad, "custom_call")
             return
         import jax
 
         with self.assertRaisesRegex(jax.errors.JaxRuntimeError, "outside"):
-            jax.block_until_ready(dropless.grouped_matmul(rows, kernel, bad, "custom_call"))
+            jax.block_until_ready(grouped_matmul_lib.grouped_matmul(rows, kernel, bad, "custom_call"))
         # The same call with a valid layout still works afterwards.
-        out = to_numpy(dropless.grouped_matmul(rows, kernel, layout, "custom_call"))
+        out = to_numpy(grouped_matmul_lib.grouped_matmul(rows, kernel, layout, "custom_call"))
         self.assertEqual(out.shape, (layout.num_rows, 3))
 
     def test_rejects_unknown_implementation(self):
         routing = random_routing(np.random.default_rng(0), 1, 4, 1, 2)
         layout = dropless.dropless_layout(routing)
         with self.assertRaisesRegex(ValueError, "implementation"):
-            dropless.grouped_matmul(np.ones((layout.num_rows, 2), np.float32), np.ones((2, 2, 3), np.float32), layout, "cublas")
+            grouped_matmul_lib.grouped_matmul(np.ones((layout.num_rows, 2), np.float32), np.ones((2, 2, 3), np.float32), layout, "cublas")
 
 
 def build_moe(activation="relu", use_bias=True, num_experts=4, d=6, h=8, k=2, group_size=8):

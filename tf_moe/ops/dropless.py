@@ -16,14 +16,10 @@ more than ceil(count / tile) * tile rows:
 N is static: round_up(G * S * k + E * (tile - 1), tile) covers any routing.
 
 Layout, dispatch and combine are pure `keras.ops` (both backends, gradients
-by autodiff). `grouped_matmul` has three implementations:
-"custom_call" (JAX on CPU: the Bazel-built FFI handlers of
-`tf_moe/ops/cc_dropless`, a loop over rows that skips the unused tail, with a
-custom VJP), "ragged_dot" (JAX: `jax.lax.ragged_dot`) and "reference" (any
-backend: a per-tile weight gather, memory O(N / tile * a * b), for small
-sizes). See docs/custom_calls.md, "Dropless mode".
+by autodiff); the expert FFNs run on the rows through
+`tf_moe.ops.grouped_matmul`. See docs/custom_calls.md, "Dropless mode".
 
-Owns: the dropless layout, dispatch/combine and grouped matmul.
+Owns: the dropless layout, dispatch/combine, the FFNs on rows.
 Does not own: routing (`tf_moe.routing`; a dropless MoE routes with capacity
 C = S so that no choice overflows), expert weights (`tf_moe.layers.Experts`).
 
@@ -31,14 +27,13 @@ Shape letters: G groups, S tokens per group, d model dim, h hidden dim,
 E experts, k choices per token, N buffer rows.
 """
 
-import functools
-import os
 from typing import NamedTuple
 
 import keras
 from keras import ops
 
 from tf_moe.ops.dispatch import _take_rows
+from tf_moe.ops.grouped_matmul import grouped_matmul, row_expert
 
 
 class DroplessLayout(NamedTuple):
@@ -131,130 +126,6 @@ def dropless_combine(out_rows, routing, layout):
         ops.where(routing.dispatch_mask, routing.combine_weight, 0.0), rows.dtype
     )
     return ops.einsum("gskd,gsk->gsd", gathered, weight)
-
-
-def row_expert(layout):
-    """<int32>[N] expert of each row (E for rows past the last segment)."""
-    return ops.repeat(layout.tile_expert, layout.tile)
-
-
-GROUPED_MATMUL_IMPLEMENTATIONS = ("auto", "custom_call", "ragged_dot", "reference")
-DROPLESS_LIBRARY = "libtf_moe_dropless_ffi.so"
-
-
-def dropless_library_dirs():
-    """Directories searched for `libtf_moe_dropless_ffi.so`, in order:
-    $TF_MOE_OPS_DIR, `tf_moe/ops/cc_dropless/` (Bazel runfiles) and, outside
-    Bazel tests, the checkout's `bazel-bin/tf_moe/ops/cc_dropless/`."""
-    dirs = []
-    if os.environ.get("TF_MOE_OPS_DIR"):
-        dirs.append(os.environ["TF_MOE_OPS_DIR"])
-    here = os.path.dirname(os.path.abspath(__file__))
-    dirs.append(os.path.join(here, "cc_dropless"))
-    if "TEST_SRCDIR" not in os.environ:
-        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.realpath(__file__))))
-        dirs.append(os.path.join(root, "bazel-bin", "tf_moe", "ops", "cc_dropless"))
-    return dirs
-
-
-@functools.lru_cache(maxsize=None)
-def _jax_grouped_matmul():
-    """The custom-call grouped matmul with its VJP (JAX, CPU)."""
-    import ctypes
-
-    import jax
-    import numpy as np
-
-    path = next(
-        (os.path.join(d, DROPLESS_LIBRARY) for d in dropless_library_dirs()
-         if os.path.isfile(os.path.join(d, DROPLESS_LIBRARY))),
-        None,
-    )
-    if path is None:
-        raise RuntimeError(
-            f"grouped_matmul(implementation='custom_call') needs {DROPLESS_LIBRARY}, "
-            f"not found in {dropless_library_dirs()}. Build it with `bazel build "
-            "//tf_moe/ops/cc_dropless:libtf_moe_dropless_ffi.so`."
-        )
-    lib = ctypes.cdll.LoadLibrary(path)
-    for target, symbol in (
-        ("tf_moe_grouped_matmul", "TfMoeGroupedMatmulHost"),
-        ("tf_moe_grouped_matmul_kernel_grad", "TfMoeGroupedMatmulKernelGradHost"),
-    ):
-        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
-
-    def matmul(rows, kernel, tile_expert, transpose):
-        out_dim = kernel.shape[1] if transpose else kernel.shape[2]
-        return jax.ffi.ffi_call(
-            "tf_moe_grouped_matmul", jax.ShapeDtypeStruct((rows.shape[0], out_dim), rows.dtype)
-        )(rows, kernel, tile_expert, transpose_kernel=np.int64(transpose))
-
-    @jax.custom_vjp
-    def grouped(rows, kernel, tile_expert):
-        return matmul(rows, kernel, tile_expert, 0)
-
-    def grouped_fwd(rows, kernel, tile_expert):
-        return matmul(rows, kernel, tile_expert, 0), (rows, kernel, tile_expert)
-
-    def grouped_bwd(residuals, grad):
-        rows, kernel, tile_expert = residuals
-        d_rows = matmul(grad, kernel, tile_expert, 1)
-        d_kernel = jax.ffi.ffi_call(
-            "tf_moe_grouped_matmul_kernel_grad", jax.ShapeDtypeStruct(kernel.shape, kernel.dtype)
-        )(rows, grad, tile_expert)
-        return d_rows, d_kernel, np.zeros(tile_expert.shape, jax.dtypes.float0)
-
-    grouped.defvjp(grouped_fwd, grouped_bwd)
-    return grouped
-
-
-def _resolve_implementation(implementation):
-    if implementation not in GROUPED_MATMUL_IMPLEMENTATIONS:
-        raise ValueError(
-            f"`implementation` must be one of {GROUPED_MATMUL_IMPLEMENTATIONS}. "
-            f"Received: implementation={implementation!r}"
-        )
-    jax_backend = keras.backend.backend() == "jax"
-    if implementation in ("custom_call", "ragged_dot") and not jax_backend:
-        raise ValueError(
-            f"grouped_matmul(implementation={implementation!r}) needs the JAX "
-            f"backend. Received: backend {keras.backend.backend()!r}; use 'reference'."
-        )
-    if implementation != "auto":
-        return implementation
-    return "ragged_dot" if jax_backend else "reference"
-
-
-def grouped_matmul(rows, kernel, layout, implementation="auto"):
-    """out[r] = rows[r] @ kernel[expert(r)]. rows [N, a], kernel [E, a, b] ->
-    [N, b]; 0 for rows past the last segment.
-
-    `implementation`: "auto" ("ragged_dot" on JAX, else "reference"),
-    "custom_call" (JAX on CPU), "ragged_dot" (JAX) or "reference"."""
-    num_experts, a, b = kernel.shape
-    implementation = _resolve_implementation(implementation)
-    kernel = ops.cast(kernel, rows.dtype)
-    if implementation == "custom_call":
-        return _jax_grouped_matmul()(rows, kernel, layout.tile_expert)
-    if implementation == "ragged_dot":
-        import jax
-
-        # ragged_dot wants the groups to cover all N rows: the unused tail
-        # goes to the last expert, and its outputs (and so their gradients)
-        # are masked to 0.
-        tail = layout.num_rows - ops.sum(layout.group_sizes)
-        sizes = ops.concatenate(
-            [layout.group_sizes[:-1], layout.group_sizes[-1:] + tail], 0
-        )
-        out = jax.lax.ragged_dot(rows, kernel, sizes)
-        used = row_expert(layout) < num_experts  # [N]
-        return ops.where(used[:, None], out, ops.zeros_like(out))
-    tile = layout.tile
-    padded = ops.concatenate([kernel, ops.zeros((1, a, b), kernel.dtype)], 0)
-    weights = ops.take(padded, layout.tile_expert, axis=0)  # [N / tile, a, b]
-    tiles = ops.reshape(rows, (-1, tile, a))
-    out = ops.einsum("tra,tab->trb", tiles, weights)
-    return ops.reshape(out, (-1, b))
 
 
 def _row_bias(bias, layout, dtype):
