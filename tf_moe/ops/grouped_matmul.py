@@ -1,18 +1,28 @@
 """Grouped matmul over expert segments: out[r] = rows[r] @ kernel[expert(r)],
 the expert FFN step of dropless dispatch (`tf_moe.ops.dropless`).
 
-rows [N, a] are sorted by expert; a `DroplessLayout` says which expert owns
-each tile of `tile` rows (`tile_expert`, E past the last segment, whose rows
-give 0). Implementations:
+rows [N, a] are sorted by expert in contiguous segments; a `DroplessLayout`
+gives their sizes (`group_sizes <int32>[E]`, segments from row 0 in expert
+order) and the expert of each tile of `tile` rows (`tile_expert`, E past the
+last segment, whose rows give 0). Implementations:
 
-- "custom_call": the Bazel-built library of `tf_moe/ops/cc_dropless`, with
-  gradients (JAX: typed FFI handlers via `jax.ffi` + `custom_vjp`).
+- "custom_call": the Bazel-built libraries of `tf_moe/ops/cc_dropless` (one
+  Eigen GEMM per segment on CPU), with gradients. TensorFlow (CPU):
+  `libtf_moe_dropless_ops.so` via `tf.load_op_library`, eager, graph and
+  `jit_compile=True`, gradients via `tf.RegisterGradient`. JAX (CPU): typed FFI
+  handlers of `libtf_moe_dropless_ffi.so` via `jax.ffi`, `jax.custom_vjp`.
+  JAX (CUDA): cuBLAS handlers of `libtf_moe_dropless_ffi_cuda.so`
+  (`cc_dropless/grouped_matmul_cuda.cu.cc`), the same calls and VJP.
 - "ragged_dot": JAX's `jax.lax.ragged_dot`.
 - "reference": any backend, a per-tile weight gather (memory
   O(N / tile * a * b): small sizes only).
 
-Owns: the grouped matmul, loading its library. Does not own: the layout
-(`tf_moe.ops.dropless`), expert weights (`tf_moe.layers.Experts`).
+The libraries are searched in `dropless_library_dirs()`; build them with
+`bazel build //tf_moe/ops/cc_dropless:all`.
+
+Owns: the grouped matmul, loading its libraries, its gradients. Does not own:
+the layout (`tf_moe.ops.dropless`), expert weights (`tf_moe.layers.Experts`),
+the C++ math (`cc_dropless/grouped_matmul_core.h`).
 
 Shape letters: N rows, a input dim, b output dim, E experts.
 """
@@ -23,6 +33,8 @@ import os
 import keras
 from keras import ops
 
+from tf_moe.ops.custom_call import CustomCallUnavailableError
+
 
 def row_expert(layout):
     """<int32>[N] expert of each row (E for rows past the last segment)."""
@@ -31,10 +43,28 @@ def row_expert(layout):
 
 GROUPED_MATMUL_IMPLEMENTATIONS = ("auto", "custom_call", "ragged_dot", "reference")
 DROPLESS_LIBRARY = "libtf_moe_dropless_ffi.so"
+DROPLESS_TF_LIBRARY = "libtf_moe_dropless_ops.so"
+DROPLESS_CUDA_LIBRARY = "libtf_moe_dropless_ffi_cuda.so"
+
+# XLA FFI targets and their handler symbols (without the platform suffix).
+_TARGETS = {
+    "tf_moe_grouped_matmul": "TfMoeGroupedMatmul",
+    "tf_moe_grouped_matmul_kernel_grad": "TfMoeGroupedMatmulKernelGrad",
+}
+
+BUILD_HINT = (
+    "Build the grouped-matmul libraries from the repository root with "
+    "`bazel build //tf_moe/ops/cc_dropless:all` (add "
+    "--repo_env=TF_MOE_PYTHON=$(which python) to pick the Python whose "
+    "TensorFlow to build against), or set TF_MOE_OPS_DIR to a directory "
+    f"holding {DROPLESS_TF_LIBRARY} and {DROPLESS_LIBRARY}. For CUDA GPUs: "
+    "`bazel build //tf_moe/ops/cc_dropless:libtf_moe_dropless_ffi_cuda.so` "
+    f"(needs nvcc) builds {DROPLESS_CUDA_LIBRARY}."
+)
 
 
 def dropless_library_dirs():
-    """Directories searched for `libtf_moe_dropless_ffi.so`, in order:
+    """Directories searched for the grouped-matmul libraries, in order:
     $TF_MOE_OPS_DIR, `tf_moe/ops/cc_dropless/` (Bazel runfiles) and, outside
     Bazel tests, the checkout's `bazel-bin/tf_moe/ops/cc_dropless/`."""
     dirs = []
@@ -48,55 +78,201 @@ def dropless_library_dirs():
     return dirs
 
 
+def _require_library(name):
+    for directory in dropless_library_dirs():
+        path = os.path.join(directory, name)
+        if os.path.isfile(path):
+            return path
+    raise CustomCallUnavailableError(
+        f"grouped_matmul(implementation='custom_call') needs {name}, which was "
+        f"not found in {dropless_library_dirs()}. {BUILD_HINT}"
+    )
+
+
+# ---------------------------------------------------------------------------
+# TensorFlow.
+
+
 @functools.lru_cache(maxsize=None)
-def _jax_grouped_matmul():
-    """The custom-call grouped matmul with its VJP (JAX, CPU)."""
+def _tf_grouped_matmul():
+    """The loaded TF op library; registers the gradients (once)."""
+    import tensorflow as tf
+
+    if tf.config.list_logical_devices("GPU"):
+        raise CustomCallUnavailableError(
+            "grouped_matmul(implementation='custom_call') on the TensorFlow "
+            "backend has CPU kernels only, and TensorFlow sees a GPU. Use "
+            "implementation='reference', or the JAX backend."
+        )
+    path = _require_library(DROPLESS_TF_LIBRARY)
+    try:
+        lib = tf.load_op_library(path)
+    except tf.errors.NotFoundError as error:
+        raise CustomCallUnavailableError(
+            f"{path} does not load into TensorFlow {tf.__version__} (built "
+            f"against another TensorFlow?): {error}. {BUILD_HINT}"
+        ) from error
+
+    @tf.RegisterGradient("TfMoeGroupedMatmul")
+    def _grouped_matmul_grad(op, grad):
+        rows, kernel, group_sizes = op.inputs
+        transpose = op.get_attr("transpose_kernel")
+        # out_e = rows_e @ K_e: d rows_e = grad_e @ K_e^T, dK_e = rows_e^T grad_e.
+        # (Transposed, out_e = rows_e @ K_e^T: d rows_e = grad_e @ K_e,
+        # dK_e = grad_e^T rows_e.)
+        d_rows = lib.tf_moe_grouped_matmul(
+            grad, kernel, group_sizes, transpose_kernel=not transpose
+        )
+        if transpose:
+            d_kernel = lib.tf_moe_grouped_matmul_kernel_grad(grad, rows, group_sizes)
+        else:
+            d_kernel = lib.tf_moe_grouped_matmul_kernel_grad(rows, grad, group_sizes)
+        return [d_rows, d_kernel, None]
+
+    return lib
+
+
+def _tf_call(rows, kernel, group_sizes):
+    import tensorflow as tf
+
+    return _tf_grouped_matmul().tf_moe_grouped_matmul(
+        rows, kernel, tf.cast(group_sizes, tf.int32)
+    )
+
+
+# ---------------------------------------------------------------------------
+# JAX.
+
+
+def _jax_platform():
+    import jax
+
+    return jax.default_backend()
+
+
+@functools.lru_cache(maxsize=None)
+def _jax_register(platform):
+    """Registers the FFI targets for JAX `platform` ("cpu": the Host
+    handlers; "gpu": the cuBLAS handlers of the nvcc-built CUDA library), once."""
     import ctypes
 
     import jax
+
+    if platform == "cpu":
+        library, suffix, xla_platform = DROPLESS_LIBRARY, "Host", "cpu"
+    elif platform in ("gpu", "cuda"):
+        library, suffix, xla_platform = DROPLESS_CUDA_LIBRARY, "Cuda", "CUDA"
+    else:
+        raise CustomCallUnavailableError(
+            "grouped_matmul(implementation='custom_call') runs on CPU and CUDA "
+            f"GPUs. Received: JAX platform {platform!r}. Use implementation="
+            "'ragged_dot' or 'reference'."
+        )
+    lib = ctypes.cdll.LoadLibrary(_require_library(library))
+    for target, symbol in _TARGETS.items():
+        jax.ffi.register_ffi_target(
+            target, jax.ffi.pycapsule(getattr(lib, symbol + suffix)), platform=xla_platform
+        )
+    return True
+
+
+def _jax_ffi_grouped_matmul(rows, kernel, group_sizes, transpose_kernel=False):
+    """The FFI call: rows [N, a], kernel [E, a, b] ([E, b, a] transposed),
+    group_sizes <int32>[E] -> [N, b]. No gradient."""
+    import jax
     import numpy as np
 
-    path = next(
-        (os.path.join(d, DROPLESS_LIBRARY) for d in dropless_library_dirs()
-         if os.path.isfile(os.path.join(d, DROPLESS_LIBRARY))),
-        None,
-    )
-    if path is None:
-        raise RuntimeError(
-            f"grouped_matmul(implementation='custom_call') needs {DROPLESS_LIBRARY}, "
-            f"not found in {dropless_library_dirs()}. Build it with `bazel build "
-            "//tf_moe/ops/cc_dropless:libtf_moe_dropless_ffi.so`."
-        )
-    lib = ctypes.cdll.LoadLibrary(path)
-    for target, symbol in (
-        ("tf_moe_grouped_matmul", "TfMoeGroupedMatmulHost"),
-        ("tf_moe_grouped_matmul_kernel_grad", "TfMoeGroupedMatmulKernelGradHost"),
-    ):
-        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
+    _jax_register(_jax_platform())
+    out_dim = kernel.shape[1] if transpose_kernel else kernel.shape[2]
+    return jax.ffi.ffi_call(
+        "tf_moe_grouped_matmul", jax.ShapeDtypeStruct((rows.shape[0], out_dim), rows.dtype)
+    )(rows, kernel, group_sizes, transpose_kernel=np.int64(transpose_kernel))
 
-    def matmul(rows, kernel, tile_expert, transpose):
-        out_dim = kernel.shape[1] if transpose else kernel.shape[2]
-        return jax.ffi.ffi_call(
-            "tf_moe_grouped_matmul", jax.ShapeDtypeStruct((rows.shape[0], out_dim), rows.dtype)
-        )(rows, kernel, tile_expert, transpose_kernel=np.int64(transpose))
+
+def _jax_ffi_kernel_grad(rows, grad, group_sizes):
+    """The FFI call: rows [N, a], grad [N, b], group_sizes <int32>[E] ->
+    [E, a, b] = rows_e^T grad_e per segment. No gradient."""
+    import jax
+
+    _jax_register(_jax_platform())
+    shape = (group_sizes.shape[0], rows.shape[1], grad.shape[1])
+    return jax.ffi.ffi_call(
+        "tf_moe_grouped_matmul_kernel_grad", jax.ShapeDtypeStruct(shape, rows.dtype)
+    )(rows, grad, group_sizes)
+
+
+@functools.lru_cache(maxsize=None)
+def _jax_grouped_matmul():
+    """The custom-call grouped matmul with its VJP (JAX)."""
+    import jax
+    import numpy as np
 
     @jax.custom_vjp
-    def grouped(rows, kernel, tile_expert):
-        return matmul(rows, kernel, tile_expert, 0)
+    def grouped(rows, kernel, group_sizes):
+        return _jax_ffi_grouped_matmul(rows, kernel, group_sizes)
 
-    def grouped_fwd(rows, kernel, tile_expert):
-        return matmul(rows, kernel, tile_expert, 0), (rows, kernel, tile_expert)
+    def grouped_fwd(rows, kernel, group_sizes):
+        return _jax_ffi_grouped_matmul(rows, kernel, group_sizes), (rows, kernel, group_sizes)
 
     def grouped_bwd(residuals, grad):
-        rows, kernel, tile_expert = residuals
-        d_rows = matmul(grad, kernel, tile_expert, 1)
-        d_kernel = jax.ffi.ffi_call(
-            "tf_moe_grouped_matmul_kernel_grad", jax.ShapeDtypeStruct(kernel.shape, kernel.dtype)
-        )(rows, grad, tile_expert)
-        return d_rows, d_kernel, np.zeros(tile_expert.shape, jax.dtypes.float0)
+        rows, kernel, group_sizes = residuals
+        grad = grad.astype(rows.dtype)
+        d_rows = _jax_ffi_grouped_matmul(grad, kernel, group_sizes, transpose_kernel=True)
+        d_kernel = _jax_ffi_kernel_grad(rows, grad, group_sizes)
+        return d_rows, d_kernel, np.zeros(group_sizes.shape, jax.dtypes.float0)
 
     grouped.defvjp(grouped_fwd, grouped_bwd)
     return grouped
+
+
+def _jax_call(rows, kernel, group_sizes):
+    import jax.numpy as jnp
+
+    return _jax_grouped_matmul()(rows, kernel, jnp.asarray(group_sizes, jnp.int32))
+
+
+# ---------------------------------------------------------------------------
+# Public API.
+
+_CUSTOM_CALLS = {"tensorflow": _tf_call, "jax": _jax_call}
+
+
+def require_available():
+    """Loads (and registers) the custom-call library for the current Keras
+    backend and device.
+
+    Raises:
+        CustomCallUnavailableError: with the reason and how to build it.
+    """
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        _tf_grouped_matmul()
+    elif backend == "jax":
+        _jax_register(_jax_platform())
+    else:
+        raise CustomCallUnavailableError(
+            "grouped_matmul(implementation='custom_call') supports the "
+            f"'tensorflow' and 'jax' Keras backends. Received: backend={backend!r}"
+        )
+
+
+@functools.lru_cache(maxsize=None)
+def _available(backend, platform):
+    del backend, platform  # cache keys
+    try:
+        require_available()
+    except CustomCallUnavailableError:
+        return False
+    return True
+
+
+def is_available():
+    """Whether grouped_matmul(implementation='custom_call') can run with the
+    current Keras backend on its default device: TensorFlow on CPU, or JAX on
+    CPU or a CUDA GPU, with the library built and loadable."""
+    backend = keras.backend.backend()
+    platform = _jax_platform() if backend == "jax" else None
+    return _available(backend, platform)
 
 
 def _resolve_implementation(implementation):
@@ -106,27 +282,45 @@ def _resolve_implementation(implementation):
             f"Received: implementation={implementation!r}"
         )
     jax_backend = keras.backend.backend() == "jax"
-    if implementation in ("custom_call", "ragged_dot") and not jax_backend:
+    if implementation == "ragged_dot" and not jax_backend:
         raise ValueError(
-            f"grouped_matmul(implementation={implementation!r}) needs the JAX "
-            f"backend. Received: backend {keras.backend.backend()!r}; use 'reference'."
+            "grouped_matmul(implementation='ragged_dot') needs the JAX "
+            f"backend. Received: backend {keras.backend.backend()!r}; use "
+            "'custom_call' or 'reference'."
         )
     if implementation != "auto":
         return implementation
+    if is_available():
+        return "custom_call"
     return "ragged_dot" if jax_backend else "reference"
 
 
 def grouped_matmul(rows, kernel, layout, implementation="auto"):
-    """out[r] = rows[r] @ kernel[expert(r)]. rows [N, a], kernel [E, a, b] ->
-    [N, b]; 0 for rows past the last segment.
+    """out[r] = rows[r] @ kernel[expert(r)], with gradients.
 
-    `implementation`: "auto" ("ragged_dot" on JAX, else "reference"),
-    "custom_call" (JAX on CPU), "ragged_dot" (JAX) or "reference"."""
+    Args:
+        rows: [N, a] float32, bfloat16 or float16 rows sorted by expert.
+        kernel: [E, a, b], cast to the dtype of `rows`.
+        layout: a `tf_moe.ops.dropless.DroplessLayout` with `num_rows` N.
+        implementation: "auto" (default: "custom_call" where `is_available()`,
+            else "ragged_dot" on JAX, else "reference"), "custom_call"
+            (TensorFlow on CPU; JAX on CPU or CUDA GPUs), "ragged_dot" (JAX) or "reference".
+
+    Returns:
+        [N, b] of the dtype of `rows`; 0 for rows past the last segment.
+        The custom call accumulates in float32 and rounds once.
+
+    Raises:
+        ValueError: unknown `implementation`, or "ragged_dot" off JAX.
+        CustomCallUnavailableError: "custom_call" where the library is not
+            built or cannot run (the message says how to build it).
+    """
     num_experts, a, b = kernel.shape
     implementation = _resolve_implementation(implementation)
     kernel = ops.cast(kernel, rows.dtype)
     if implementation == "custom_call":
-        return _jax_grouped_matmul()(rows, kernel, layout.tile_expert)
+        require_available()
+        return _CUSTOM_CALLS[keras.backend.backend()](rows, kernel, layout.group_sizes)
     if implementation == "ragged_dot":
         import jax
 

@@ -1,12 +1,24 @@
 // Typed XLA FFI handlers (CPU platform "Host") for the dropless grouped
-// matmul and its kernel adjoint (math in grouped_matmul_core.h). JAX only:
-// jax.ffi.register_ffi_target(name, pycapsule, platform="cpu").
+// matmul and its kernel adjoint (math in grouped_matmul_core.h).
+// JAX: jax.ffi.register_ffi_target(name, pycapsule, platform="cpu");
+// TensorFlow: tf_ops.cc registers them into TF's XLA at library load.
 //
 // Targets:
 //   tf_moe_grouped_matmul              TfMoeGroupedMatmulHost
 //   tf_moe_grouped_matmul_kernel_grad  TfMoeGroupedMatmulKernelGradHost
+//
+// Expert e's segment is rows [start_e, start_e + group_sizes[e]), start_e =
+// sum of the earlier sizes; rows at or past sum(group_sizes) give 0.
+//
+// Shape letters: N rows, a input dim, b output dim, E experts.
 
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
 #include <cstdint>
+#include <functional>
+#include <memory>
+#include <mutex>
 #include <string>
 
 #include "tf_moe/ops/cc/dispatch_core.h"
@@ -17,43 +29,83 @@
 namespace tf_moe {
 namespace {
 
-using TileBuffer = ffi::Buffer<ffi::S32>;
+using SizesBuffer = ffi::Buffer<ffi::S32>;
 
-// Checks rows [N, x] against tile_expert [N / tile] and returns the tile.
-ffi::Error CheckRows(const ffi::AnyBuffer& rows, const char* name,
-                     const TileBuffer& tile_expert, int64_t* tile) {
+// Checks rows [N, x] and group_sizes [E] with the E of the kernel.
+ffi::Error CheckRows(const ffi::AnyBuffer& rows, const SizesBuffer& group_sizes,
+                     int64_t num_experts) {
   auto r = rows.dimensions();
-  auto t = tile_expert.dimensions();
-  if (r.size() != 2 || t.size() != 1 || t[0] < 1 || r[0] % t[0] != 0) {
+  auto s = group_sizes.dimensions();
+  if (r.size() != 2 || s.size() != 1 || s[0] != num_experts) {
     return ffi::Error::InvalidArgument(
-        std::string("tf_moe: `") + name + "` must be [N, x] and tile_expert " +
-        "[N / tile]. Received: " + name + ".shape=" + DimsToString(r) +
-        ", tile_expert.shape=" + DimsToString(t));
+        "tf_moe: grouped matmul needs `rows` [N, x] and `group_sizes` [E] "
+        "with the kernel's E=" + std::to_string(num_experts) +
+        ". Received: rows.shape=" + DimsToString(r) +
+        ", group_sizes.shape=" + DimsToString(s));
   }
-  *tile = r[0] / t[0];
   return ffi::Error::Success();
 }
 
-ffi::Error CheckTiles(const TileBuffer& tile_expert, int64_t num_experts) {
-  std::string message = ValidateTileExpert(
-      tile_expert.typed_data(), tile_expert.dimensions()[0], num_experts);
+// A ParallelFor over the XLA FFI thread pool (JAX CPU: the client's intra-op
+// pool; where a runtime gives none, num_threads() is 0 and the tasks run on
+// the calling thread). The calling thread takes tasks too, so it never waits
+// on a pool that is busy with work of its own: helpers that start after the
+// last task was taken return at once.
+ParallelFor PoolParallelFor(ffi::ThreadPool& pool) {
+  return [&pool](int64_t num_tasks, const std::function<void(int64_t)>& task) {
+    const int64_t helpers =
+        std::min<int64_t>(pool.num_threads(), num_tasks - 1);
+    if (helpers <= 0) {
+      SerialFor(num_tasks, task);
+      return;
+    }
+    struct State {
+      std::atomic<int64_t> next{0};
+      std::atomic<int64_t> done{0};
+      int64_t num_tasks = 0;
+      const std::function<void(int64_t)>* task = nullptr;
+      std::mutex mu;
+      std::condition_variable all_done;
+    };
+    auto state = std::make_shared<State>();
+    state->num_tasks = num_tasks;
+    state->task = &task;  // valid until every taken task is done
+    auto work = [state] {
+      for (int64_t i; (i = state->next.fetch_add(1)) < state->num_tasks;) {
+        (*state->task)(i);
+        if (state->done.fetch_add(1) + 1 == state->num_tasks) {
+          std::lock_guard<std::mutex> lock(state->mu);
+          state->all_done.notify_all();
+        }
+      }
+    };
+    for (int64_t t = 0; t < helpers; ++t) {
+      auto helper = work;
+      pool.Schedule(std::move(helper));
+    }
+    work();
+    std::unique_lock<std::mutex> lock(state->mu);
+    state->all_done.wait(lock, [&] { return state->done.load() == num_tasks; });
+  };
+}
+
+// Checks the size values (>= 0, sum <= N).
+ffi::Error CheckSizes(const SizesBuffer& group_sizes, int64_t num_rows) {
+  std::string message = ValidateGroupSizes(
+      group_sizes.typed_data(), group_sizes.dimensions()[0], num_rows);
   if (message.empty()) return ffi::Error::Success();
   return ffi::Error::InvalidArgument("tf_moe: " + message);
 }
 
-ffi::Error GroupedMatmulHost(ffi::AnyBuffer rows, ffi::AnyBuffer kernel,
-                             TileBuffer tile_expert, int64_t transpose_kernel,
+ffi::Error GroupedMatmulHost(ffi::ThreadPool pool, ffi::AnyBuffer rows,
+                             ffi::AnyBuffer kernel, SizesBuffer group_sizes,
+                             int64_t transpose_kernel,
                              ffi::Result<ffi::AnyBuffer> out) {
-  int64_t tile;
-  if (auto e = CheckRows(rows, "rows", tile_expert, &tile); !e.success()) {
-    return e;
-  }
   auto r = rows.dimensions();
   auto k = kernel.dimensions();
   auto o = out->dimensions();
-  const int64_t a = r[1];
-  if (k.size() != 3 || o.size() != 2 || o[0] != r[0] ||
-      (transpose_kernel ? k[2] : k[1]) != a ||
+  if (r.size() != 2 || k.size() != 3 || o.size() != 2 || o[0] != r[0] ||
+      (transpose_kernel ? k[2] : k[1]) != r[1] ||
       (transpose_kernel ? k[1] : k[2]) != o[1] ||
       kernel.element_type() != rows.element_type() ||
       out->element_type() != rows.element_type()) {
@@ -64,30 +116,30 @@ ffi::Error GroupedMatmulHost(ffi::AnyBuffer rows, ffi::AnyBuffer kernel,
         ", output.shape=" + DimsToString(o) +
         ", transpose_kernel=" + std::to_string(transpose_kernel));
   }
-  if (auto e = CheckTiles(tile_expert, k[0]); !e.success()) return e;
+  if (auto e = CheckRows(rows, group_sizes, k[0]); !e.success()) return e;
+  if (auto e = CheckSizes(group_sizes, r[0]); !e.success()) return e;
   return DispatchFloatType(rows.element_type(), [&](auto t) {
     using T = decltype(t);
     GroupedMatmul<T>(static_cast<const T*>(rows.untyped_data()),
                      static_cast<const T*>(kernel.untyped_data()),
-                     tile_expert.typed_data(), r[0], tile, k[0], a, o[1],
+                     group_sizes.typed_data(), r[0], k[0], r[1], o[1],
                      transpose_kernel != 0,
-                     static_cast<T*>(out->untyped_data()));
+                     static_cast<T*>(out->untyped_data()),
+                     PoolParallelFor(pool));
     return ffi::Error::Success();
   });
 }
 
-ffi::Error GroupedMatmulKernelGradHost(ffi::AnyBuffer rows, ffi::AnyBuffer grad,
-                                       TileBuffer tile_expert,
+ffi::Error GroupedMatmulKernelGradHost(ffi::ThreadPool pool,
+                                       ffi::AnyBuffer rows, ffi::AnyBuffer grad,
+                                       SizesBuffer group_sizes,
                                        ffi::Result<ffi::AnyBuffer> kernel_grad) {
-  int64_t tile;
-  if (auto e = CheckRows(rows, "rows", tile_expert, &tile); !e.success()) {
-    return e;
-  }
   auto r = rows.dimensions();
   auto g = grad.dimensions();
   auto k = kernel_grad->dimensions();
-  if (g.size() != 2 || g[0] != r[0] || k.size() != 3 || k[1] != r[1] ||
-      k[2] != g[1] || grad.element_type() != rows.element_type() ||
+  if (r.size() != 2 || g.size() != 2 || g[0] != r[0] || k.size() != 3 ||
+      k[1] != r[1] || k[2] != g[1] ||
+      grad.element_type() != rows.element_type() ||
       kernel_grad->element_type() != rows.element_type()) {
     return ffi::Error::InvalidArgument(
         "tf_moe: grouped matmul kernel gradient needs rows [N, a], grad "
@@ -95,14 +147,16 @@ ffi::Error GroupedMatmulKernelGradHost(ffi::AnyBuffer rows, ffi::AnyBuffer grad,
         "rows.shape=" + DimsToString(r) + ", grad.shape=" + DimsToString(g) +
         ", kernel_grad.shape=" + DimsToString(k));
   }
-  if (auto e = CheckTiles(tile_expert, k[0]); !e.success()) return e;
+  if (auto e = CheckRows(rows, group_sizes, k[0]); !e.success()) return e;
+  if (auto e = CheckSizes(group_sizes, r[0]); !e.success()) return e;
   return DispatchFloatType(rows.element_type(), [&](auto t) {
     using T = decltype(t);
     GroupedMatmulKernelGrad<T>(static_cast<const T*>(rows.untyped_data()),
                                static_cast<const T*>(grad.untyped_data()),
-                               tile_expert.typed_data(), r[0], tile, k[0],
-                               r[1], g[1],
-                               static_cast<T*>(kernel_grad->untyped_data()));
+                               group_sizes.typed_data(), r[0], k[0], r[1],
+                               g[1],
+                               static_cast<T*>(kernel_grad->untyped_data()),
+                               PoolParallelFor(pool));
     return ffi::Error::Success();
   });
 }
@@ -113,16 +167,18 @@ ffi::Error GroupedMatmulKernelGradHost(ffi::AnyBuffer rows, ffi::AnyBuffer grad,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     TfMoeGroupedMatmulHost, tf_moe::GroupedMatmulHost,
     xla::ffi::Ffi::Bind()
+        .Ctx<xla::ffi::ThreadPool>()              // CPU tasks (may have none)
         .Arg<xla::ffi::AnyBuffer>()               // rows [N, a]
         .Arg<xla::ffi::AnyBuffer>()               // kernel [E, a, b] / [E, b, a]
-        .Arg<xla::ffi::Buffer<xla::ffi::S32>>()   // tile_expert [N / tile]
+        .Arg<xla::ffi::Buffer<xla::ffi::S32>>()   // group_sizes [E]
         .Attr<int64_t>("transpose_kernel")        // 0 or 1
         .Ret<xla::ffi::AnyBuffer>());             // out [N, b]
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     TfMoeGroupedMatmulKernelGradHost, tf_moe::GroupedMatmulKernelGradHost,
     xla::ffi::Ffi::Bind()
+        .Ctx<xla::ffi::ThreadPool>()              // CPU tasks (may have none)
         .Arg<xla::ffi::AnyBuffer>()               // rows [N, a]
         .Arg<xla::ffi::AnyBuffer>()               // grad [N, b]
-        .Arg<xla::ffi::Buffer<xla::ffi::S32>>()   // tile_expert [N / tile]
+        .Arg<xla::ffi::Buffer<xla::ffi::S32>>()   // group_sizes [E]
         .Ret<xla::ffi::AnyBuffer>());             // kernel_grad [E, a, b]

@@ -1,0 +1,445 @@
+// Typed XLA FFI handlers (platform "CUDA") for the dropless grouped matmul
+// and its kernel adjoint: the same functions and signatures as the Host
+// handlers of grouped_matmul_ffi.cc, on cuBLAS.
+//
+//   out[start_e : start_e + m_e] = rows[start_e : start_e + m_e] @ K[e]
+//   dK[e] = rows[segment e]^T @ grad[segment e]
+//   start_e = m_0 + ... + m_{e-1}, m = group_sizes; rows past the last
+//   segment give 0, experts without rows get dK[e] = 0.
+//
+// Why cuBLAS and a host round trip: the segment sizes are device data, and
+// XLA has no grouped GEMM on GPU (`lax.ragged_dot` is lowered densely here).
+// Each call copies group_sizes [E] to the host (one small copy and a stream
+// synchronization, the same cost as the bounds check of the dispatch kernels),
+// validates them, and issues one GEMM per non-empty expert. One expert's GEMM
+// (a few hundred rows) fills only part of the GPU, so by default the GEMMs
+// are spread round-robin over 4 extra streams (fork/join with events on the
+// XLA stream; TF_MOE_GEMM_STREAMS=n sets n, 1 = all on the XLA stream).
+// TF_MOE_GROUPED_GEMM=grouped issues one `cublasGemmGroupedBatchedEx` launch
+// (cuBLAS >= 12.5) instead; measured slower (docs/benchmarks.md).
+// Accumulation is float32 (CUBLAS_COMPUTE_32F, no TF32).
+//
+// cuBLAS is not linked: it is found at run time in the process (JAX's XLA
+// has loaded libcublas.so.12 by the time a handler runs) with dlopen, so the
+// library needs neither cuBLAS headers nor a matching toolkit at build time.
+// The few declarations below are cuBLAS's stable C ABI (cublas_api.h).
+//
+// Targets (JAX: jax.ffi.register_ffi_target(name, pycapsule, platform="CUDA")):
+//   tf_moe_grouped_matmul              TfMoeGroupedMatmulCuda
+//   tf_moe_grouped_matmul_kernel_grad  TfMoeGroupedMatmulKernelGradCuda
+//
+// Shape letters: N rows, a input dim, b output dim, E experts.
+
+#include <cuda_runtime.h>
+#include <dlfcn.h>
+#include <library_types.h>
+
+#include <cstdint>
+#include <cstdlib>
+#include <algorithm>
+#include <cstring>
+#include <mutex>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "tf_moe/ops/cc/ffi_common.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace tf_moe {
+namespace {
+
+// --- cuBLAS, resolved at run time ------------------------------------------
+
+using CublasHandle = void*;  // cublasHandle_t
+constexpr int kCublasSuccess = 0;     // CUBLAS_STATUS_SUCCESS
+constexpr int kOpN = 0;               // CUBLAS_OP_N
+constexpr int kOpT = 1;               // CUBLAS_OP_T
+constexpr int kCompute32F = 68;       // CUBLAS_COMPUTE_32F
+constexpr int kGemmDefault = -1;      // CUBLAS_GEMM_DEFAULT
+
+struct Cublas {
+  int (*create)(CublasHandle*);
+  int (*set_stream)(CublasHandle, cudaStream_t);
+  int (*gemm)(CublasHandle, int, int, int, int, int, const void*, const void*,
+              cudaDataType, int, const void*, cudaDataType, int, const void*,
+              void*, cudaDataType, int, int, int);
+  int (*grouped)(CublasHandle, const int*, const int*, const int*, const int*,
+                 const int*, const void*, const void* const*, cudaDataType,
+                 const int*, const void* const*, cudaDataType, const int*,
+                 const void*, void* const*, cudaDataType, const int*, int,
+                 const int*, int);  // nullptr before cuBLAS 12.5
+};
+
+// The process's cuBLAS, or nullptr with *error set.
+const Cublas* LoadCublas(std::string* error) {
+  static std::string load_error;
+  static const Cublas* cublas = [] () -> const Cublas* {
+    void* lib = nullptr;
+    for (const char* name : {"libcublas.so.12", "libcublas.so.13",
+                             "libcublas.so"}) {
+      lib = dlopen(name, RTLD_NOW | RTLD_GLOBAL);
+      if (lib != nullptr) break;
+    }
+    if (lib == nullptr) {
+      load_error = "tf_moe: the CUDA grouped matmul needs cuBLAS, and "
+                   "libcublas.so.12 could not be loaded: " +
+                   std::string(dlerror());
+      return nullptr;
+    }
+    auto* c = new Cublas;
+    c->create = reinterpret_cast<decltype(c->create)>(dlsym(lib, "cublasCreate_v2"));
+    c->set_stream =
+        reinterpret_cast<decltype(c->set_stream)>(dlsym(lib, "cublasSetStream_v2"));
+    c->gemm = reinterpret_cast<decltype(c->gemm)>(dlsym(lib, "cublasGemmEx"));
+    c->grouped = reinterpret_cast<decltype(c->grouped)>(
+        dlsym(lib, "cublasGemmGroupedBatchedEx"));
+    if (c->create == nullptr || c->set_stream == nullptr || c->gemm == nullptr) {
+      load_error = "tf_moe: the loaded cuBLAS lacks cublasCreate_v2, "
+                   "cublasSetStream_v2 or cublasGemmEx";
+      return nullptr;
+    }
+    const char* mode = std::getenv("TF_MOE_GROUPED_GEMM");
+    if (mode == nullptr || std::strcmp(mode, "grouped") != 0) c->grouped = nullptr;
+    return c;
+  }();
+  if (cublas == nullptr) *error = load_error;
+  return cublas;
+}
+
+// Per device: the cuBLAS handle of the XLA stream (rebound to the calling
+// stream on every call), and the extra streams with their own handles and
+// join events. Created on first use and kept for the process.
+struct DeviceGemm {
+  CublasHandle handle = nullptr;
+  std::vector<cudaStream_t> streams;
+  std::vector<CublasHandle> stream_handles;
+  std::vector<cudaEvent_t> joins;
+  cudaEvent_t fork = nullptr;
+};
+
+int ExtraStreams() {
+  const char* value = std::getenv("TF_MOE_GEMM_STREAMS");
+  const int n = value == nullptr ? 4 : std::atoi(value);
+  return n <= 1 ? 0 : (n > 16 ? 16 : n);
+}
+
+ffi::Error DeviceGemmFor(cudaStream_t stream, const Cublas** cublas,
+                         DeviceGemm** gemm) {
+  std::string error;
+  *cublas = LoadCublas(&error);
+  if (*cublas == nullptr) return ffi::Error::Internal(error);
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) {
+    return ffi::Error::Internal("tf_moe: cudaGetDevice failed");
+  }
+  static std::mutex mutex;
+  static std::unordered_map<int, DeviceGemm> devices;
+  std::lock_guard<std::mutex> lock(mutex);
+  auto it = devices.find(device);
+  if (it == devices.end()) {
+    DeviceGemm g;
+    if ((*cublas)->create(&g.handle) != kCublasSuccess) {
+      return ffi::Error::Internal("tf_moe: cublasCreate failed");
+    }
+    for (int i = 0; i < ExtraStreams(); ++i) {
+      cudaStream_t s;
+      cudaEvent_t join;
+      CublasHandle h;
+      if (cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking) != cudaSuccess ||
+          cudaEventCreateWithFlags(&join, cudaEventDisableTiming) != cudaSuccess ||
+          (*cublas)->create(&h) != kCublasSuccess ||
+          (*cublas)->set_stream(h, s) != kCublasSuccess) {
+        return ffi::Error::Internal("tf_moe: creating GEMM streams failed");
+      }
+      g.streams.push_back(s);
+      g.joins.push_back(join);
+      g.stream_handles.push_back(h);
+    }
+    if (!g.streams.empty() &&
+        cudaEventCreateWithFlags(&g.fork, cudaEventDisableTiming) != cudaSuccess) {
+      return ffi::Error::Internal("tf_moe: creating GEMM events failed");
+    }
+    it = devices.emplace(device, std::move(g)).first;
+  }
+  *gemm = &it->second;
+  if ((*cublas)->set_stream((*gemm)->handle, stream) != kCublasSuccess) {
+    return ffi::Error::Internal("tf_moe: cublasSetStream failed");
+  }
+  return ffi::Error::Success();
+}
+
+// --- shapes and segment sizes ----------------------------------------------
+
+ffi::Error CudaDataType(ffi::DataType dtype, cudaDataType* out, size_t* bytes) {
+  switch (dtype) {
+    case ffi::F32: *out = CUDA_R_32F; *bytes = 4; return ffi::Error::Success();
+    case ffi::BF16: *out = CUDA_R_16BF; *bytes = 2; return ffi::Error::Success();
+    case ffi::F16: *out = CUDA_R_16F; *bytes = 2; return ffi::Error::Success();
+    default:
+      return ffi::Error::InvalidArgument(
+          "tf_moe: the grouped matmul supports float32, bfloat16 and float16");
+  }
+}
+
+// Copies group_sizes [E] to the host (synchronizing `stream`) and checks
+// them: every size >= 0 and their sum <= N. Returns the segment starts in
+// *starts ([E + 1], starts[E] = total routed rows).
+ffi::Error ReadGroupSizes(cudaStream_t stream,
+                          const ffi::Buffer<ffi::S32>& group_sizes,
+                          int64_t num_rows, std::vector<int32_t>* sizes,
+                          std::vector<int64_t>* starts) {
+  auto dims = group_sizes.dimensions();
+  if (dims.size() != 1) {
+    return ffi::Error::InvalidArgument(
+        "tf_moe: `group_sizes` must have rank 1 [E]. Received: "
+        "group_sizes.shape=" + DimsToString(dims));
+  }
+  const int64_t num_experts = dims[0];
+  sizes->resize(num_experts);
+  starts->assign(num_experts + 1, 0);
+  if (num_experts > 0) {
+    cudaMemcpyAsync(sizes->data(), group_sizes.typed_data(),
+                    num_experts * sizeof(int32_t), cudaMemcpyDeviceToHost,
+                    stream);
+    if (cudaStreamSynchronize(stream) != cudaSuccess) {
+      return ffi::Error::Internal("tf_moe: reading group_sizes failed: " +
+                                  std::string(cudaGetErrorString(cudaGetLastError())));
+    }
+  }
+  for (int64_t e = 0; e < num_experts; ++e) {
+    if ((*sizes)[e] < 0) {
+      return ffi::Error::InvalidArgument(
+          "tf_moe: `group_sizes` must be >= 0. Received: group_sizes[" +
+          std::to_string(e) + "]=" + std::to_string((*sizes)[e]));
+    }
+    (*starts)[e + 1] = (*starts)[e] + (*sizes)[e];
+  }
+  if ((*starts)[num_experts] > num_rows) {
+    return ffi::Error::InvalidArgument(
+        "tf_moe: `group_sizes` must sum to at most the number of rows N=" +
+        std::to_string(num_rows) + ". Received: sum(group_sizes)=" +
+        std::to_string((*starts)[num_experts]));
+  }
+  return ffi::Error::Success();
+}
+
+// One GEMM per listed problem, all with the same (transa, transb) and
+// shapes except the per-problem dims; column-major cuBLAS conventions.
+struct Problems {
+  std::vector<int> m, n, k, lda, ldb, ldc;
+  std::vector<const void*> a, b;
+  std::vector<void*> c;
+  void Add(int m_, int n_, int k_, const void* a_, int lda_, const void* b_,
+           int ldb_, void* c_, int ldc_) {
+    m.push_back(m_); n.push_back(n_); k.push_back(k_);
+    a.push_back(a_); b.push_back(b_); c.push_back(c_);
+    lda.push_back(lda_); ldb.push_back(ldb_); ldc.push_back(ldc_);
+  }
+  size_t size() const { return m.size(); }
+};
+
+ffi::Error RunGemms(cudaStream_t stream, ffi::ScratchAllocator& scratch,
+                    int transa, int transb, cudaDataType type,
+                    const Problems& p) {
+  if (p.size() == 0) return ffi::Error::Success();
+  const Cublas* cublas;
+  DeviceGemm* gemm;
+  if (auto e = DeviceGemmFor(stream, &cublas, &gemm); !e.success()) return e;
+  const float one = 1.0f, zero = 0.0f;
+  const int count = static_cast<int>(p.size());
+  if (cublas->grouped != nullptr) {
+    // Device pointer arrays [A..., B..., C...] in scratch memory.
+    auto memory = scratch.Allocate(3 * count * sizeof(void*), alignof(void*));
+    if (!memory.has_value()) {
+      return ffi::Error::Internal("tf_moe: cannot allocate CUDA scratch memory");
+    }
+    std::vector<const void*> pointers(p.a);
+    pointers.insert(pointers.end(), p.b.begin(), p.b.end());
+    pointers.insert(pointers.end(), p.c.begin(), p.c.end());
+    auto** device = static_cast<void**>(*memory);
+    cudaMemcpyAsync(device, pointers.data(), pointers.size() * sizeof(void*),
+                    cudaMemcpyHostToDevice, stream);
+    std::vector<int> ta(count, transa), tb(count, transb), ones(count, 1);
+    std::vector<float> alpha(count, one), beta(count, zero);
+    int status = cublas->grouped(
+        gemm->handle, ta.data(), tb.data(), p.m.data(), p.n.data(),
+        p.k.data(), alpha.data(), device, type, p.lda.data(), device + count,
+        type, p.ldb.data(), beta.data(), device + 2 * count, type,
+        p.ldc.data(), count, ones.data(), kCompute32F);
+    if (status != kCublasSuccess) {
+      return ffi::Error::Internal("tf_moe: cublasGemmGroupedBatchedEx failed "
+                                  "with status " + std::to_string(status));
+    }
+    return ffi::Error::Success();
+  }
+  // Fork: the extra streams start after the work already on `stream`.
+  const int lanes = std::min<int>(gemm->streams.size(), count);
+  if (lanes > 1) {
+    cudaEventRecord(gemm->fork, stream);
+    for (int s = 0; s < lanes; ++s) {
+      cudaStreamWaitEvent(gemm->streams[s], gemm->fork, 0);
+    }
+  }
+  for (int i = 0; i < count; ++i) {
+    CublasHandle handle = lanes > 1 ? gemm->stream_handles[i % lanes] : gemm->handle;
+    int status = cublas->gemm(handle, transa, transb, p.m[i], p.n[i], p.k[i],
+                              &one, p.a[i], type, p.lda[i], p.b[i], type,
+                              p.ldb[i], &zero, p.c[i], type, p.ldc[i],
+                              kCompute32F, kGemmDefault);
+    if (status != kCublasSuccess) {
+      return ffi::Error::Internal("tf_moe: cublasGemmEx failed with status " +
+                                  std::to_string(status));
+    }
+  }
+  // Join: later work on `stream` (and XLA's buffer reuse) waits for all.
+  for (int s = 0; s < (lanes > 1 ? lanes : 0); ++s) {
+    cudaEventRecord(gemm->joins[s], gemm->streams[s]);
+    cudaStreamWaitEvent(stream, gemm->joins[s], 0);
+  }
+  return ffi::Error::Success();
+}
+
+// --- handlers ----------------------------------------------------------------
+
+ffi::Error GroupedMatmulCuda(cudaStream_t stream, ffi::ScratchAllocator scratch,
+                             ffi::AnyBuffer rows, ffi::AnyBuffer kernel,
+                             ffi::Buffer<ffi::S32> group_sizes,
+                             int64_t transpose_kernel,
+                             ffi::Result<ffi::AnyBuffer> out) {
+  auto r = rows.dimensions();
+  auto kd = kernel.dimensions();
+  auto o = out->dimensions();
+  if (r.size() != 2 || kd.size() != 3 || o.size() != 2 || o[0] != r[0] ||
+      (transpose_kernel ? kd[2] : kd[1]) != r[1] ||
+      (transpose_kernel ? kd[1] : kd[2]) != o[1] ||
+      group_sizes.dimensions().size() != 1 ||
+      group_sizes.dimensions()[0] != kd[0] ||
+      kernel.element_type() != rows.element_type() ||
+      out->element_type() != rows.element_type()) {
+    return ffi::Error::InvalidArgument(
+        "tf_moe: grouped matmul needs rows [N, a], kernel [E, a, b] ([E, b, "
+        "a] when transposed), group_sizes [E] and output [N, b] of one dtype. "
+        "Received: rows.shape=" + DimsToString(r) + ", kernel.shape=" +
+        DimsToString(kd) + ", group_sizes.shape=" +
+        DimsToString(group_sizes.dimensions()) + ", output.shape=" +
+        DimsToString(o) + ", transpose_kernel=" +
+        std::to_string(transpose_kernel));
+  }
+  cudaDataType type;
+  size_t bytes;
+  if (auto e = CudaDataType(rows.element_type(), &type, &bytes); !e.success()) {
+    return e;
+  }
+  const int64_t n = r[0], a = r[1], b = o[1];
+  std::vector<int32_t> sizes;
+  std::vector<int64_t> starts;
+  if (auto e = ReadGroupSizes(stream, group_sizes, n, &sizes, &starts);
+      !e.success()) {
+    return e;
+  }
+  auto* out_data = static_cast<char*>(out->untyped_data());
+  const int64_t used = starts.back();
+  if (used < n) {
+    cudaMemsetAsync(out_data + used * b * bytes, 0, (n - used) * b * bytes,
+                    stream);
+  }
+  if (a == 0) {
+    cudaMemsetAsync(out_data, 0, used * b * bytes, stream);
+    return ffi::Error::Success();
+  }
+  // Row-major out_e [m, b] = rows_e [m, a] @ K_e [a, b] is column-major
+  // out_e^T [b, m] = K_e^T [b, a] @ rows_e^T [a, m]; K_e [a, b] row-major is
+  // K_e^T column-major (op N, ld b); transposed, K_e [b, a] needs op T (ld a).
+  const auto* rows_data = static_cast<const char*>(rows.untyped_data());
+  const auto* kernel_data = static_cast<const char*>(kernel.untyped_data());
+  Problems p;
+  for (size_t e = 0; e < sizes.size(); ++e) {
+    if (sizes[e] == 0 || b == 0) continue;
+    p.Add(static_cast<int>(b), sizes[e], static_cast<int>(a),
+          kernel_data + e * a * b * bytes,
+          static_cast<int>(transpose_kernel ? a : b),
+          rows_data + starts[e] * a * bytes, static_cast<int>(a),
+          out_data + starts[e] * b * bytes, static_cast<int>(b));
+  }
+  return RunGemms(stream, scratch, transpose_kernel ? kOpT : kOpN, kOpN, type,
+                  p);
+}
+
+ffi::Error GroupedMatmulKernelGradCuda(
+    cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::AnyBuffer rows,
+    ffi::AnyBuffer grad, ffi::Buffer<ffi::S32> group_sizes,
+    ffi::Result<ffi::AnyBuffer> kernel_grad) {
+  auto r = rows.dimensions();
+  auto g = grad.dimensions();
+  auto kd = kernel_grad->dimensions();
+  if (r.size() != 2 || g.size() != 2 || g[0] != r[0] || kd.size() != 3 ||
+      kd[1] != r[1] || kd[2] != g[1] || group_sizes.dimensions().size() != 1 ||
+      group_sizes.dimensions()[0] != kd[0] ||
+      grad.element_type() != rows.element_type() ||
+      kernel_grad->element_type() != rows.element_type()) {
+    return ffi::Error::InvalidArgument(
+        "tf_moe: grouped matmul kernel gradient needs rows [N, a], grad "
+        "[N, b], group_sizes [E] and kernel_grad [E, a, b] of one dtype. "
+        "Received: rows.shape=" + DimsToString(r) + ", grad.shape=" +
+        DimsToString(g) + ", group_sizes.shape=" +
+        DimsToString(group_sizes.dimensions()) + ", kernel_grad.shape=" +
+        DimsToString(kd));
+  }
+  cudaDataType type;
+  size_t bytes;
+  if (auto e = CudaDataType(rows.element_type(), &type, &bytes); !e.success()) {
+    return e;
+  }
+  const int64_t a = r[1], b = g[1];
+  std::vector<int32_t> sizes;
+  std::vector<int64_t> starts;
+  if (auto e = ReadGroupSizes(stream, group_sizes, r[0], &sizes, &starts);
+      !e.success()) {
+    return e;
+  }
+  // Row-major dK_e [a, b] = rows_e^T [a, m] @ grad_e [m, b] is column-major
+  // dK_e^T [b, a] = grad_e^T [b, m] (grad_e row-major: op N, ld b) @ rows_e
+  // [m, a] (rows_e row-major is rows_e^T column-major: op T, ld a).
+  const auto* rows_data = static_cast<const char*>(rows.untyped_data());
+  const auto* grad_data = static_cast<const char*>(grad.untyped_data());
+  auto* out_data = static_cast<char*>(kernel_grad->untyped_data());
+  Problems p;
+  for (size_t e = 0; e < sizes.size(); ++e) {
+    char* dk = out_data + e * a * b * bytes;
+    if (sizes[e] == 0) {
+      cudaMemsetAsync(dk, 0, a * b * bytes, stream);
+      continue;
+    }
+    if (a == 0 || b == 0) continue;
+    p.Add(static_cast<int>(b), static_cast<int>(a), sizes[e],
+          grad_data + starts[e] * b * bytes, static_cast<int>(b),
+          rows_data + starts[e] * a * bytes, static_cast<int>(a), dk,
+          static_cast<int>(b));
+  }
+  return RunGemms(stream, scratch, kOpN, kOpT, type, p);
+}
+
+}  // namespace
+}  // namespace tf_moe
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    TfMoeGroupedMatmulCuda, tf_moe::GroupedMatmulCuda,
+    xla::ffi::Ffi::Bind()
+        .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()
+        .Ctx<xla::ffi::ScratchAllocator>()
+        .Arg<xla::ffi::AnyBuffer>()               // rows [N, a]
+        .Arg<xla::ffi::AnyBuffer>()               // kernel [E, a, b] / [E, b, a]
+        .Arg<xla::ffi::Buffer<xla::ffi::S32>>()   // group_sizes [E]
+        .Attr<int64_t>("transpose_kernel")        // 0 or 1
+        .Ret<xla::ffi::AnyBuffer>());             // out [N, b]
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    TfMoeGroupedMatmulKernelGradCuda, tf_moe::GroupedMatmulKernelGradCuda,
+    xla::ffi::Ffi::Bind()
+        .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()
+        .Ctx<xla::ffi::ScratchAllocator>()
+        .Arg<xla::ffi::AnyBuffer>()               // rows [N, a]
+        .Arg<xla::ffi::AnyBuffer>()               // grad [N, b]
+        .Arg<xla::ffi::Buffer<xla::ffi::S32>>()   // group_sizes [E]
+        .Ret<xla::ffi::AnyBuffer>());             // kernel_grad [E, a, b]
