@@ -13,9 +13,25 @@ docstring and DESIGN.md's MoE output y = sum_j w_j * FFN_{e_j}(x):
 The full dropless computation must also equal the MoE layer's einsum path with
 capacity C = S (nothing dropped), in value and gradient, eagerly and compiled.
 
+The "custom_call" grouped matmul (C++ in tf_moe/ops/cc_dropless: TF op library
+and typed XLA FFI handlers) is checked against the segment formula
+
+    out[r] = rows[r] @ kernel[e] for r in expert e's segment [start_e,
+             start_e + group_sizes[e]); 0 past sum(group_sizes);
+    d rows[r] = grad[r] @ kernel[e]^T;  d kernel[e] = rows_e^T @ grad_e,
+
+eagerly (TF: CPU kernels; JAX: op by op), in a TF graph (CPU kernels) and
+compiled (TF jit_compile=True, jax.jit: the FFI handlers), in float32,
+bfloat16 and float16, for empty experts, all rows in one expert, an unused
+tail, and segments longer than a task or a 16-bit conversion chunk (so the
+parallel path runs); bad group_sizes must raise, not crash.
+
 Shape letters: G groups, S tokens per group, d model dim, h hidden dim,
 E experts, k choices per token, N buffer rows.
 """
+
+import tempfile
+from unittest import mock
 
 import keras
 import numpy as np
@@ -24,10 +40,22 @@ from absl.testing import parameterized
 from keras import ops
 
 import tf_moe
+from tf_moe.ops import custom_call
 from tf_moe.ops import dispatch as dispatch_lib
 from tf_moe.ops import dropless
 from tf_moe.ops import grouped_matmul as grouped_matmul_lib
+from tf_moe.ops.custom_call import CustomCallUnavailableError
 from tf_moe.routing import Routing
+
+BACKEND = keras.backend.backend()
+DTYPES = ("float32", "bfloat16", "float16")
+# Tolerances of results rounded once to each dtype, against a float64
+# reference on the same (dtype-rounded) operands.
+TOLERANCE = {
+    "float32": {"rtol": 1e-5, "atol": 1e-4},
+    "bfloat16": {"rtol": 1e-2, "atol": 1e-2},
+    "float16": {"rtol": 2e-3, "atol": 2e-3},
+}
 
 
 def to_numpy(x):
@@ -63,27 +91,74 @@ def random_routing(rng, groups, group_size, k, num_experts, experts="random", re
     )
 
 
-def grad_fn(fn, *args):
-    """(value, gradients of sum(value * cotangent) w.r.t. args), per backend."""
-    rng = np.random.default_rng(7)
-    backend = keras.backend.backend()
-    if backend == "jax":
+def round_to(x, dtype):
+    """x (numpy) rounded to `dtype`, as float32."""
+    return to_numpy(ops.cast(ops.cast(x, dtype), "float32"))
+
+
+def value_and_grads(fn, args, cotangent, mode="eager"):
+    """(fn(*args), gradients of sum(fn(*args) * cotangent) w.r.t. args), per
+    backend: "eager" (TF: CPU kernels; JAX: op by op), "graph" (value and
+    gradients in one tf.function without XLA; JAX: jax.jit) or "jit" (in one
+    tf.function(jit_compile=True) / jax.jit)."""
+    if BACKEND == "jax":
         import jax
 
-        value = fn(*args)
-        cot = rng.normal(size=value.shape).astype(np.float32)
-        grads = jax.grad(lambda *a: (fn(*a).astype("float32") * cot).sum(), argnums=tuple(range(len(args))))(*args)
-        return to_numpy(value), cot, [to_numpy(g) for g in grads]
+        def loss(*a):
+            value = fn(*a)
+            return (value.astype("float32") * cotangent).sum(), value
+
+        step = jax.value_and_grad(loss, argnums=tuple(range(len(args))), has_aux=True)
+        if mode != "eager":
+            step = jax.jit(step)
+        (_, value), grads = step(*args)
+        return to_numpy(value), [to_numpy(g) for g in grads]
     import tensorflow as tf
 
-    args = [tf.convert_to_tensor(a) for a in args]
-    with tf.GradientTape() as tape:
-        for a in args:
-            tape.watch(a)
-        value = fn(*args)
-        cot = rng.normal(size=value.shape).astype(np.float32)
-        loss = tf.reduce_sum(tf.cast(value, tf.float32) * cot)
-    return to_numpy(value), cot, [to_numpy(g) for g in tape.gradient(loss, args)]
+    def step(*a):
+        with tf.GradientTape() as tape:
+            for x in a:
+                tape.watch(x)
+            value = fn(*a)
+            loss = tf.reduce_sum(tf.cast(value, tf.float32) * cotangent)
+        return value, tape.gradient(loss, list(a))
+
+    if mode != "eager":
+        step = tf.function(step, jit_compile=mode == "jit")
+    value, grads = step(*[tf.convert_to_tensor(a) for a in args])
+    return to_numpy(value), [to_numpy(g) for g in grads]
+
+
+def numpy_grouped_matmul(rows, kernel, expert, cotangent):
+    """(out, d rows, d kernel) in float64: out[r] = rows[r] @ kernel[expert[r]]
+    (0 where expert[r] = E) and its gradients for the cotangent."""
+    num_experts = kernel.shape[0]
+    out = np.zeros((rows.shape[0], kernel.shape[2]))
+    d_rows = np.zeros(rows.shape)
+    d_kernel = np.zeros(kernel.shape)
+    for r in np.nonzero(expert < num_experts)[0]:
+        k = kernel[expert[r]].astype(np.float64)
+        out[r] = rows[r] @ k
+        d_rows[r] = cotangent[r] @ k.T
+        d_kernel[expert[r]] += np.outer(rows[r], cotangent[r])
+    return out, d_rows, d_kernel
+
+
+def layout_from_sizes(group_sizes, num_rows):
+    """A tile-1 `DroplessLayout` with the given segment sizes (only the
+    fields the grouped matmul reads)."""
+    sizes = np.asarray(group_sizes, np.int32)
+    used = np.repeat(np.arange(len(sizes)), sizes)  # expert of each used row
+    expert = np.full(num_rows, len(sizes), np.int32)
+    expert[: used.size] = used
+    return dropless.DroplessLayout(
+        row=None,
+        group_sizes=ops.convert_to_tensor(sizes),
+        tile_expert=ops.convert_to_tensor(expert),
+        row_owner=None,
+        num_rows=num_rows,
+        tile=1,
+    )
 
 
 def compiled(fn):
@@ -177,79 +252,217 @@ IMPLEMENTATIONS = ("reference", "ragged_dot", "custom_call")
 
 def jax_only(implementation):
     """True if `implementation` runs on JAX only (TF must reject it)."""
-    return implementation in ("ragged_dot", "custom_call")
+    return implementation == "ragged_dot"
 
 
 class GroupedMatmulTest(parameterized.TestCase):
     @parameterized.product(
         implementation=IMPLEMENTATIONS,
         tile=(1, 4),
-        dtype=("float32", "bfloat16"),
+        dtype=DTYPES,
+        mode=("eager", "jit"),
     )
-    def test_value_and_gradients_match_numpy(self, implementation, tile, dtype):
+    def test_value_and_gradients_match_numpy(self, implementation, tile, dtype, mode):
         rng = np.random.default_rng(2)
         routing = random_routing(rng, 2, 6, 2, 5)
         layout = dropless.dropless_layout(routing, tile)
         a, b, e = 4, 3, 5
-        rows = rng.normal(size=(layout.num_rows, a)).astype(np.float32)
-        kernel = rng.normal(size=(e, a, b)).astype(np.float32)
-        # Round the inputs to the dtype, so that the float64 reference sees
-        # the same operands.
-        rows = to_numpy(ops.cast(ops.cast(rows, dtype), "float32"))
-        kernel = to_numpy(ops.cast(ops.cast(kernel, dtype), "float32"))
+        # Round the operands (and the cotangent, which reaches the backward
+        # pass in the dtype) so that the float64 reference sees them.
+        rows = round_to(rng.normal(size=(layout.num_rows, a)), dtype)
+        kernel = round_to(rng.normal(size=(e, a, b)), dtype)
+        cot = round_to(rng.normal(size=(layout.num_rows, b)), dtype)
 
         def fn(r, w):
             return grouped_matmul_lib.grouped_matmul(
                 ops.cast(r, dtype), ops.cast(w, dtype), layout, implementation
             )
 
-        if keras.backend.backend() != "jax" and jax_only(implementation):
+        if BACKEND != "jax" and jax_only(implementation):
             with self.assertRaisesRegex(ValueError, "JAX"):
                 fn(rows, kernel)
             return
-        value, cot, (d_rows, d_kernel) = grad_fn(fn, rows, kernel)
+        value, (d_rows, d_kernel) = value_and_grads(fn, (rows, kernel), cot, mode)
         expert = np.repeat(to_numpy(layout.tile_expert), tile)
-        used = np.nonzero(expert < e)[0]
-        expected = np.zeros((layout.num_rows, b))
-        expected_d_rows = np.zeros(rows.shape)
-        expected_d_kernel = np.zeros(kernel.shape)
-        for r in used:
-            expected[r] = rows[r] @ kernel[expert[r]]
-            expected_d_rows[r] = cot[r] @ kernel[expert[r]].T
-            expected_d_kernel[expert[r]] += np.outer(rows[r], cot[r])
-        tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == "float32" else {"rtol": 2e-2, "atol": 5e-2}
-        np.testing.assert_allclose(to_numpy(ops.cast(value, "float32")), expected, **tol)
-        np.testing.assert_allclose(to_numpy(ops.cast(d_rows, "float32")), expected_d_rows, **tol)
-        np.testing.assert_allclose(to_numpy(ops.cast(d_kernel, "float32")), expected_d_kernel, **tol)
+        expected = numpy_grouped_matmul(rows, kernel, expert, cot)
+        # The reference path may accumulate in the dtype (a = 4 terms).
+        tol = TOLERANCE["float32"] if dtype == "float32" else {"rtol": 2e-2, "atol": 5e-2}
+        for actual, want in zip((value, d_rows, d_kernel), expected):
+            np.testing.assert_allclose(actual, want, **tol)
         unused = np.nonzero(expert >= e)[0]
         self.assertGreater(unused.size, 0)  # the buffer has an unused tail here
-        np.testing.assert_array_equal(to_numpy(ops.cast(value, "float32"))[unused], 0.0)
-
-    def test_custom_call_rejects_bad_tile_expert(self):
-        """A tile expert outside [0, E] is an error from the handler, not an
-        out-of-bounds read."""
-        routing = random_routing(np.random.default_rng(0), 1, 4, 1, 2)
-        layout = dropless.dropless_layout(routing, 2)
-        bad = layout._replace(tile_expert=ops.convert_to_tensor(np.full(layout.num_rows // 2, 3, np.int32)))
-        rows = np.ones((layout.num_rows, 2), np.float32)
-        kernel = np.ones((2, 2, 3), np.float32)
-        if keras.backend.backend() != "jax":
-            with self.assertRaisesRegex(ValueError, "JAX"):
-                grouped_matmul_lib.grouped_matmul(rows, kernel, bad, "custom_call")
-            return
-        import jax
-
-        with self.assertRaisesRegex(jax.errors.JaxRuntimeError, "outside"):
-            jax.block_until_ready(grouped_matmul_lib.grouped_matmul(rows, kernel, bad, "custom_call"))
-        # The same call with a valid layout still works afterwards.
-        out = to_numpy(grouped_matmul_lib.grouped_matmul(rows, kernel, layout, "custom_call"))
-        self.assertEqual(out.shape, (layout.num_rows, 3))
+        np.testing.assert_array_equal(value[unused], 0.0)
 
     def test_rejects_unknown_implementation(self):
         routing = random_routing(np.random.default_rng(0), 1, 4, 1, 2)
         layout = dropless.dropless_layout(routing)
         with self.assertRaisesRegex(ValueError, "implementation"):
             grouped_matmul_lib.grouped_matmul(np.ones((layout.num_rows, 2), np.float32), np.ones((2, 2, 3), np.float32), layout, "cublas")
+
+
+# (name, group_sizes, N, a, b): segment layouts for the custom call.
+SEGMENT_CASES = (
+    ("empty_experts_and_tail", (3, 0, 5, 0, 1), 12, 5, 4),
+    ("all_rows_one_expert", (0, 0, 9, 0), 9, 3, 6),
+    ("all_rows_unused", (0, 0, 0), 4, 3, 2),
+    ("no_tail", (4, 4), 8, 2, 3),
+    # Segments longer than a task (256 rows) and a 16-bit conversion chunk
+    # (2^16 / max(a, b) = 218 rows), and enough work to run on threads.
+    ("long_segments", (600, 0, 130), 760, 300, 200),
+)
+
+
+def raw_custom_call(transpose_kernel=False):
+    """(grouped matmul, kernel grad) as the backend's raw ops (no gradient)."""
+    if BACKEND == "jax":
+        return (
+            lambda r, k, s: grouped_matmul_lib._jax_ffi_grouped_matmul(r, k, s, transpose_kernel),
+            grouped_matmul_lib._jax_ffi_kernel_grad,
+        )
+    lib = grouped_matmul_lib._tf_grouped_matmul()
+    return (
+        lambda r, k, s: lib.tf_moe_grouped_matmul(r, k, s, transpose_kernel=transpose_kernel),
+        lib.tf_moe_grouped_matmul_kernel_grad,
+    )
+
+
+def runtime_error():
+    """The exception type a failing custom call raises on this backend."""
+    if BACKEND == "jax":
+        import jax
+
+        return jax.errors.JaxRuntimeError
+    import tensorflow as tf
+
+    return tf.errors.InvalidArgumentError
+
+
+class CustomCallTest(parameterized.TestCase):
+    """The C++ grouped matmul (TF op library, JAX FFI) on segment layouts."""
+
+    @parameterized.product(case=SEGMENT_CASES, dtype=DTYPES, mode=("eager", "graph", "jit"))
+    def test_segments_match_numpy(self, case, dtype, mode):
+        _, sizes, n, a, b = case
+        layout = layout_from_sizes(sizes, n)
+        rng = np.random.default_rng(8)
+        rows = round_to(rng.normal(size=(n, a)), dtype)
+        kernel = round_to(rng.normal(size=(len(sizes), a, b)), dtype)
+        cot = round_to(rng.normal(size=(n, b)), dtype)
+
+        def fn(r, w):
+            return grouped_matmul_lib.grouped_matmul(
+                ops.cast(r, dtype), ops.cast(w, dtype), layout, "custom_call"
+            )
+
+        value, (d_rows, d_kernel) = value_and_grads(fn, (rows, kernel), cot, mode)
+        expected = numpy_grouped_matmul(rows, kernel, to_numpy(layout.tile_expert), cot)
+        for name, actual, want in zip(("out", "d_rows", "d_kernel"), (value, d_rows, d_kernel), expected):
+            np.testing.assert_allclose(actual, want, err_msg=name, **TOLERANCE[dtype])
+        # Rows past the segments, and their gradients, are exactly 0; so is
+        # the kernel gradient of an empty expert.
+        tail = slice(sum(sizes), n)
+        np.testing.assert_array_equal(value[tail], 0.0)
+        np.testing.assert_array_equal(d_rows[tail], 0.0)
+        for e, size in enumerate(sizes):
+            if size == 0:
+                np.testing.assert_array_equal(d_kernel[e], 0.0)
+
+    @parameterized.product(dtype=DTYPES, jit=(False, True))
+    def test_transposed_kernel(self, dtype, jit):
+        """transpose_kernel: kernel [E, b, a], out[r] = rows[r] @ kernel[e]^T."""
+        sizes, n, a, b = (2, 0, 3), 6, 4, 5
+        rng = np.random.default_rng(9)
+        rows = round_to(rng.normal(size=(n, a)), dtype)
+        kernel_t = round_to(rng.normal(size=(len(sizes), b, a)), dtype)
+        matmul, _ = raw_custom_call(transpose_kernel=True)
+        fn = compiled(matmul) if jit else matmul
+        out = fn(ops.cast(rows, dtype), ops.cast(kernel_t, dtype), ops.convert_to_tensor(np.int32(sizes)))
+        expert = to_numpy(layout_from_sizes(sizes, n).tile_expert)
+        expected, _, _ = numpy_grouped_matmul(rows, kernel_t.transpose(0, 2, 1), expert, np.zeros((n, b)))
+        np.testing.assert_allclose(to_numpy(ops.cast(out, "float32")), expected, **TOLERANCE[dtype])
+        if BACKEND != "tensorflow":
+            return
+        # TF registers a gradient for the transposed op too.
+        cot = round_to(rng.normal(size=(n, b)), dtype)
+        _, (d_rows, d_kernel_t) = value_and_grads(
+            lambda r, k: matmul(ops.cast(r, dtype), ops.cast(k, dtype), np.int32(sizes)),
+            (rows, kernel_t), cot, "jit" if jit else "eager",
+        )
+        _, want_d_rows, want_d_kernel = numpy_grouped_matmul(rows, kernel_t.transpose(0, 2, 1), expert, cot)
+        np.testing.assert_allclose(d_rows, want_d_rows, **TOLERANCE[dtype])
+        np.testing.assert_allclose(d_kernel_t, want_d_kernel.transpose(0, 2, 1), **TOLERANCE[dtype])
+
+    @parameterized.product(
+        sizes=((-1, 3), (3, 2), (2, -1)),
+        op=("grouped_matmul", "kernel_grad"),
+        jit=(False, True),
+    )
+    def test_bad_group_sizes_raise(self, sizes, op, jit):
+        """A negative size or sizes summing past N = 4 rows are an error from
+        the op (TF CPU kernel, XLA FFI handler), not an out-of-bounds access."""
+        rows = np.ones((4, 2), np.float32)
+        other = np.ones((2, 2, 3), np.float32) if op == "grouped_matmul" else np.ones((4, 3), np.float32)
+        fn = raw_custom_call()[0 if op == "grouped_matmul" else 1]
+        fn = compiled(fn) if jit else fn
+        with self.assertRaisesRegex(runtime_error(), "group_sizes"):
+            to_numpy(fn(rows, other, ops.convert_to_tensor(np.int32(sizes))))
+        # The same op with valid sizes still runs afterwards.
+        out = to_numpy(fn(rows, other, ops.convert_to_tensor(np.int32((1, 3)))))
+        self.assertEqual(out.shape, (4, 3) if op == "grouped_matmul" else (2, 2, 3))
+        # All ones: each used row gives a = 2 per output; dK[e] = n_e per entry.
+        self.assertEqual(out.sum(), 4 * 3 * 2 if op == "grouped_matmul" else (1 + 3) * 2 * 3)
+
+    def test_grouped_matmul_with_bad_layout_raises(self):
+        layout = layout_from_sizes((2, 2), 4)._replace(group_sizes=ops.convert_to_tensor(np.int32([5, 0])))
+        rows, kernel = np.ones((4, 2), np.float32), np.ones((2, 2, 3), np.float32)
+        with self.assertRaisesRegex(runtime_error(), "group_sizes"):
+            to_numpy(grouped_matmul_lib.grouped_matmul(rows, kernel, layout, "custom_call"))
+
+    def test_auto_picks_custom_call(self):
+        self.assertTrue(grouped_matmul_lib.is_available())
+        self.assertEqual(grouped_matmul_lib._resolve_implementation("auto"), "custom_call")
+
+    def test_missing_library_says_how_to_build(self):
+        with tempfile.TemporaryDirectory() as empty:
+            with mock.patch.object(grouped_matmul_lib, "dropless_library_dirs", return_value=[empty]):
+                with self.assertRaisesRegex(
+                    CustomCallUnavailableError, r"bazel build //tf_moe/ops/cc_dropless:all"
+                ):
+                    grouped_matmul_lib._require_library(grouped_matmul_lib.DROPLESS_TF_LIBRARY)
+
+    def test_with_dispatch_custom_calls_in_one_program(self):
+        """Both C++ libraries (dispatch/combine of tf_moe/ops/cc and the
+        grouped matmul) loaded in one process, in one compiled function."""
+        rng = np.random.default_rng(10)
+        routing = random_routing(rng, 2, 4, 2, 3)
+        # Valid positions (C = S = 4): earlier routed choices of the same
+        # expert in the group.
+        index, mask = to_numpy(routing.expert_index), to_numpy(routing.dispatch_mask)
+        position = np.zeros_like(index)
+        for g in range(2):
+            seen = np.zeros(3, np.int32)
+            for s_, j in np.ndindex(4, 2):
+                if mask[g, s_, j]:
+                    position[g, s_, j] = seen[index[g, s_, j]]
+                    seen[index[g, s_, j]] += 1
+        routing = routing._replace(position=ops.convert_to_tensor(position))
+        x = rng.normal(size=(2, 4, 5)).astype(np.float32)
+        kernel = rng.normal(size=(3, 5, 6)).astype(np.float32)
+        layout = layout_from_sizes((3, 0, 4), 9)
+        rows = rng.normal(size=(9, 5)).astype(np.float32)
+
+        def both(x, rows, kernel):
+            return (
+                custom_call.custom_call_dispatch(x, routing),
+                grouped_matmul_lib.grouped_matmul(rows, kernel, layout, "custom_call"),
+            )
+
+        expert_inputs, out = compiled(both)(x, rows, kernel)
+        expected_inputs = to_numpy(dispatch_lib.DISPATCHERS["einsum"][0](x, routing))
+        np.testing.assert_allclose(to_numpy(expert_inputs), expected_inputs, rtol=1e-6)
+        expert = to_numpy(layout.tile_expert)
+        expected_out, _, _ = numpy_grouped_matmul(rows, kernel, expert, np.zeros((9, 6)))
+        np.testing.assert_allclose(to_numpy(out), expected_out, rtol=1e-5, atol=1e-5)
 
 
 def build_moe(activation="relu", use_bias=True, num_experts=4, d=6, h=8, k=2, group_size=8):

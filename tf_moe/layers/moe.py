@@ -26,7 +26,8 @@ from tf_moe._validation import (
 )
 from tf_moe.layers.experts import EXPERT_ACTIVATIONS, Experts
 from tf_moe.ops import dispatch as dispatch_lib
-from tf_moe.routing import Router, TopKRouter, expert_capacity
+from tf_moe.ops import dropless, grouped_matmul
+from tf_moe.routing import ExpertChoiceRouter, Router, TopKRouter, expert_capacity
 
 
 def bind_router(router, num_experts):
@@ -260,7 +261,15 @@ class MoE(GroupedMoELayer):
     Tokens are routed in groups of `group_size`; each expert takes at most
     C = ceil(capacity_factor * S * k / E) tokens per group (at least
     `min_capacity`), and overflowing choices are dropped: their output from
-    that expert is 0, so wrap the layer in a residual connection. The router's
+    that expert is 0, so wrap the layer in a residual connection.
+
+    A capacity factor of None drops nothing. On the "custom_call" path (and
+    "auto" where it resolves to it) a token-choice router then runs dropless:
+    no [E, G, C, d] buffers, the routed choices are sorted by expert into
+    N = G * S * k rows and each expert's FFN is one matmul over its segment
+    (`tf_moe.ops.dropless`). On "einsum"/"gather" (and with
+    `ExpertChoiceRouter`, whose capacity is its routing rule) None means
+    C = S: the same function, with E * S slots per group. The router's
     auxiliary losses are added with `add_loss`; the statistics of the last call
     are in `last_routing_stats` (see `tf_moe.metrics.RoutingStatsLogger` for
     `model.fit` logs).
@@ -275,7 +284,7 @@ class MoE(GroupedMoELayer):
         router: a `tf_moe.routing.Router`; default `TopKRouter(k=2)`. A router
             without `num_experts` is copied and bound to this layer's E.
         capacity_factor: float > 0 used in training, or None for no dropping
-            (C = S). Default 1.25.
+            (dropless on "custom_call", else C = S). Default 1.25.
         eval_capacity_factor: float > 0 or None used at inference. Default 2.0.
         min_capacity: int >= 1, default 4.
         group_size: int >= 1, tokens per routing group (S). Default 1024; a
@@ -363,11 +372,40 @@ class MoE(GroupedMoELayer):
             group_size, self.num_experts, self.router.choices_per_token, training
         )
 
+    def runs_dropless(self, training):
+        """Whether a call in this mode takes the dropless path: no capacity
+        factor, a token-choice router, and the "custom_call" dispatch path
+        (for "auto": where the grouped-matmul library is built too).
+
+        Raises:
+            RuntimeError: dispatch="custom_call" with a None capacity factor
+                and the grouped-matmul library missing (says how to build it).
+        """
+        factor = self.capacity_factor if training else self.eval_capacity_factor
+        if factor is None and not isinstance(self.router, ExpertChoiceRouter):
+            if self.dispatch == "custom_call":
+                dispatch_lib.resolve_dispatch("custom_call")
+                grouped_matmul.require_available()
+                return True
+            return (
+                dispatch_lib.resolve_dispatch(self.dispatch) == "custom_call"
+                and grouped_matmul.is_available()
+            )
+        return False
+
     def route_and_compute(self, groups, token_mask, training):
         group_size = groups.shape[1]
         routing = self.router.route(
             groups, self.capacity(group_size, training), token_mask, training
         )
+        if self.runs_dropless(training):
+            # C = S above, so the routing drops nothing; the rows replace the
+            # capacity buffers.
+            outputs = dropless.dropless_moe(
+                groups, routing, self.experts, training=training,
+                implementation="custom_call",
+            )
+            return outputs, metrics.routing_stats(routing)
         dispatch, combine = self._dispatchers()
         expert_outputs = self.experts(dispatch(groups, routing), training=training)
         return combine(expert_outputs, routing), metrics.routing_stats(routing)

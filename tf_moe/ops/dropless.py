@@ -48,7 +48,7 @@ class DroplessLayout(NamedTuple):
             tiles past the last segment (unused rows).
         row_owner: <int32>[num_rows] flat token index g * S + s of each row;
             G * S for padding rows.
-        num_rows: int, N.
+        num_rows: N, an int (a scalar tensor when G is not static).
         tile: int.
     """
 
@@ -56,12 +56,14 @@ class DroplessLayout(NamedTuple):
     group_sizes: object
     tile_expert: object
     row_owner: object
-    num_rows: int
+    num_rows: object
     tile: int
 
 
 def dropless_num_rows(num_choices, num_experts, tile):
-    """Static buffer size N for `num_choices` = G * S * k choices."""
+    """Buffer size N for `num_choices` = G * S * k choices (an int when G is
+    static, else a scalar tensor: e.g. TF traces `model.fit` steps with an
+    unknown batch size; XLA compiles each concrete one)."""
     rows = num_choices + num_experts * (tile - 1)
     return -(-rows // tile) * tile
 
@@ -72,6 +74,8 @@ def dropless_layout(routing, tile=1):
     if tile < 1:
         raise ValueError(f"`tile` must be >= 1. Received: tile={tile}")
     g, s, k = routing.expert_index.shape
+    if g is None:
+        g = ops.shape(routing.expert_index)[0]
     num_experts = routing.num_experts
     num_choices = g * s * k
     num_rows = dropless_num_rows(num_choices, num_experts, tile)
@@ -101,7 +105,7 @@ def dropless_layout(routing, tile=1):
     )[:num_rows]
     row_owner = ops.where(owner > 0, owner - 1, g * s)
     return DroplessLayout(
-        row=ops.reshape(ops.cast(row, "int32"), (g, s, k)),
+        row=ops.reshape(ops.cast(row, "int32"), (-1, s, k)),
         group_sizes=ops.cast(group_sizes, "int32"),
         tile_expert=ops.cast(tile_expert, "int32"),
         row_owner=ops.cast(row_owner, "int32"),
@@ -129,10 +133,15 @@ def dropless_combine(out_rows, routing, layout):
 
 
 def _row_bias(bias, layout, dtype):
-    """bias [E, 1, 1, b] -> [N, b] per row (0 past the last segment)."""
-    b = bias.shape[-1]
-    flat = ops.concatenate([ops.reshape(ops.cast(bias, dtype), (-1, b)), ops.zeros((1, b), dtype)], 0)
-    return ops.take(flat, row_expert(layout), axis=0)
+    """bias [E, 1, 1, b] -> [N, b] per row (0 past the last segment).
+
+    A one-hot matmul [N, E] @ [E, b] rather than a gather: its gradient is a
+    matmul too (a gather's is a scatter-add of N rows into E, slow under
+    contention on GPUs, and TF XLA aborts on the gradient of a gather from a
+    concatenation)."""
+    num_experts, b = bias.shape[0], bias.shape[-1]
+    onehot = ops.one_hot(row_expert(layout), num_experts, dtype=dtype)  # [N, E]
+    return ops.matmul(onehot, ops.reshape(ops.cast(bias, dtype), (num_experts, b)))
 
 
 def experts_on_rows(experts, rows, layout, training=False, implementation="auto"):
