@@ -10,7 +10,14 @@ capacity 1, k = E), compares under jax.jit:
 
 and prints ||custom - einsum|| / ||einsum|| per quantity. Then checks that an
 out-of-range position raises (XlaRuntimeError / JaxRuntimeError) instead of
-writing out of bounds. Exit status 1 on any failure.
+writing out of bounds.
+
+Dropless mode: the CUDA grouped matmul (cuBLAS) against a float64 numpy
+per-segment reference (output, d rows, d kernel; empty experts, one expert
+for all rows, an unused tail, the transposed kernel), bad `group_sizes`
+raising, and a dropless `MoE` (custom_call, capacity_factor=None) against the
+gather `MoE` with C = S (outputs and gradients of a training step).
+Exit status 1 on any failure.
 
 Usage:
     KERAS_BACKEND=jax TF_MOE_OPS_DIR=<dir with libtf_moe_ffi_cuda.so> \
@@ -31,6 +38,8 @@ import numpy as np  # noqa: E402
 
 from tf_moe.ops import custom_call  # noqa: E402
 from tf_moe.ops import dispatch as dispatch_lib  # noqa: E402
+from tf_moe.ops import dropless  # noqa: E402
+from tf_moe.ops import grouped_matmul as grouped_matmul_lib  # noqa: E402
 from tf_moe.routing import TopKRouter  # noqa: E402
 
 # Relative-norm tolerance per dtype (einsum rounds combine weights to the
@@ -140,6 +149,118 @@ def check_out_of_range():
     return results
 
 
+# name: (group sizes, unused tail rows, a, b)
+GROUPED_CASES = {
+    "random": ([37, 0, 120, 5, 64, 1, 0, 29], 0, 256, 384),
+    "tail": ([16, 16, 0, 40], 23, 128, 96),
+    "one_expert": ([0, 0, 300, 0], 0, 64, 200),
+    "odd_dims": ([3, 7, 11], 5, 37, 45),
+}
+
+
+def layout_of(sizes, tail):
+    """A tile-1 `DroplessLayout` with the given segment sizes and tail."""
+    sizes = np.asarray(sizes, np.int32)
+    expert = np.concatenate([np.repeat(np.arange(len(sizes)), sizes),
+                             np.full(tail, len(sizes))]).astype(np.int32)
+    n = len(expert)
+    return dropless.DroplessLayout(
+        row=None, group_sizes=jnp.asarray(sizes), tile_expert=jnp.asarray(expert),
+        row_owner=None, num_rows=n, tile=1)
+
+
+def check_grouped_case(name, dtype, seed):
+    sizes, tail, a, b = GROUPED_CASES[name]
+    layout = layout_of(sizes, tail)
+    e, n = len(sizes), layout.num_rows
+    rng = np.random.default_rng(seed)
+    rows = rng.normal(size=(n, a))
+    kernel = rng.normal(size=(e, a, b)) / np.sqrt(a)
+    cot = rng.normal(size=(n, b))
+    expert = np.asarray(layout.tile_expert)
+    # float64 reference of the values the kernel sees (rounded to dtype).
+    r64 = np.asarray(jnp.asarray(rows, dtype).astype(jnp.float32), np.float64)
+    k64 = np.asarray(jnp.asarray(kernel, dtype).astype(jnp.float32), np.float64)
+    c64 = np.asarray(jnp.asarray(cot, dtype).astype(jnp.float32), np.float64)
+    want_out = np.zeros((n, b))
+    want_dk = np.zeros_like(k64)
+    for i in range(e):
+        seg = expert == i
+        want_out[seg] = r64[seg] @ k64[i]
+        want_dk[i] = r64[seg].T @ c64[seg]
+    want_dr = np.zeros_like(r64)
+    used = expert < e
+    want_dr[used] = np.einsum("nb,nab->na", c64[used], k64[expert[used]])
+
+    def f(rows, kernel):
+        return grouped_matmul_lib.grouped_matmul(rows, kernel, layout, "custom_call")
+
+    rows_t, kernel_t = jnp.asarray(rows, dtype), jnp.asarray(kernel, dtype)
+    out, vjp = jax.vjp(jax.jit(f), rows_t, kernel_t)
+    dr, dk = vjp(jnp.asarray(cot, dtype))
+    row = {"case": name, "dtype": dtype, "rows": n}
+    ok = True
+    for key, got, want in (("out", out, want_out), ("grad_rows", dr, want_dr),
+                           ("grad_kernel", dk, want_dk)):
+        got = np.asarray(got.astype(jnp.float32), np.float64)
+        ok &= bool(np.isfinite(got).all())
+        row[key] = rel(got, want)
+        ok &= row[key] <= TOLERANCE[dtype]
+    out = np.asarray(out.astype(jnp.float32))
+    ok &= bool((out[~used] == 0).all())  # the tail is exactly 0
+    dk = np.asarray(dk.astype(jnp.float32))
+    ok &= bool(all((dk[i] == 0).all() for i in range(e) if sizes[i] == 0))
+    row["ok"] = ok
+    return row
+
+
+def check_bad_group_sizes():
+    results = {}
+    for label, sizes in (("negative", [4, -1, 5]), ("sum > N", [8, 8, 8])):
+        layout = layout_of([4, 4, 4], 0)._replace(group_sizes=jnp.asarray(sizes, jnp.int32))
+        try:
+            jax.block_until_ready(jax.jit(
+                lambda r, k: grouped_matmul_lib.grouped_matmul(r, k, layout, "custom_call")
+            )(jnp.ones((12, 8)), jnp.ones((3, 8, 4))))
+            results[f"group_sizes {label}"] = "NO ERROR (bad)"
+        except Exception as error:  # noqa: BLE001 - reporting the type
+            results[f"group_sizes {label}"] = (
+                f"{type(error).__name__}: {str(error).splitlines()[0][:120]}")
+    return results
+
+
+def check_dropless_moe(dtype):
+    """Dropless MoE (custom_call, capacity None) == gather MoE with C = S."""
+    from tf_moe.layers import MoE
+
+    policy = {"float32": "float32", "bfloat16": "mixed_bfloat16"}[dtype]
+    x = jnp.asarray(np.random.default_rng(5).normal(size=(4, 256, 128)), jnp.float32)
+    results = {}
+    for path in ("gather", "custom_call"):
+        keras.utils.set_random_seed(0)
+        layer = MoE(16, 256, router=TopKRouter(k=2), capacity_factor=None,
+                    group_size=256, dispatch=path, dtype=policy)
+        layer.build(x.shape)
+        assert layer.runs_dropless(True) == (path == "custom_call")
+        trainable = [v.value for v in layer.trainable_variables]
+        others = [v.value for v in layer.non_trainable_variables]
+
+        def loss(trainable, x):
+            y, _ = layer.stateless_call(trainable, others, x, training=True)
+            return jnp.sum(y.astype(jnp.float32) * jnp.cos(x)), y
+
+        with jax.default_matmul_precision("highest"):
+            (_, y), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(
+                trainable, x)
+        results[path] = [y] + list(grads[0]) + [grads[1]]
+    row = {"case": "dropless_moe", "dtype": dtype}
+    errors = [rel(np.asarray(a.astype(jnp.float32)), np.asarray(b.astype(jnp.float32)))
+              for a, b in zip(results["custom_call"], results["gather"])]
+    row["max_rel"] = max(errors)
+    row["ok"] = row["max_rel"] <= {"float32": 1e-5, "bfloat16": 2e-2}[dtype]
+    return row
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", default=None, help="write the results here")
@@ -164,6 +285,29 @@ def main():
     print("out-of-range indices:")
     for key, value in errors.items():
         print(f"  {key}: {value}")
+    grouped = [check_grouped_case(name, dtype, seed)
+               for dtype in ("float32", "bfloat16", "float16")
+               for seed, name in enumerate(GROUPED_CASES)]
+    mode = os.environ.get("TF_MOE_GROUPED_GEMM", "per-expert GEMMs")
+    streams = os.environ.get("TF_MOE_GEMM_STREAMS", "4")
+    print(f"dropless grouped matmul ({mode}, TF_MOE_GEMM_STREAMS={streams}), "
+          "relative error vs float64 numpy")
+    header = ("case", "dtype", "rows", "out", "grad_rows", "grad_kernel", "ok")
+    print(" ".join(f"{h:>11}" for h in header))
+    for row in grouped:
+        print(" ".join(
+            f"{row[h]:>11.2e}" if isinstance(row[h], float) else f"{str(row[h]):>11}"
+            for h in header
+        ))
+    bad_sizes = check_bad_group_sizes()
+    for key, value in bad_sizes.items():
+        print(f"  {key}: {value}")
+    errors.update(bad_sizes)
+    moe_rows = [check_dropless_moe(dtype) for dtype in ("float32", "bfloat16")]
+    for row in moe_rows:
+        print(f"  dropless MoE vs gather (C = S), {row['dtype']}: max relative "
+              f"error {row['max_rel']:.2e} {'ok' if row['ok'] else 'FAIL'}")
+    rows += grouped + moe_rows
     ok = all(row["ok"] for row in rows) and all(
         "NO ERROR" not in str(v) for v in errors.values()
     )

@@ -10,6 +10,8 @@ jax.jit (Keras-on-JAX, `stateless_call`). Rows:
     einsum       MoE(dispatch="einsum")   one-hot dispatch/combine
     gather       MoE(dispatch="gather")   sort/gather
     custom_call  MoE(dispatch="custom_call")
+    dropless     MoE(dispatch="custom_call", capacity_factor=None): no
+                 capacity buffers, grouped matmuls over expert segments
 
 Useful FLOPs = 12 * T * k * d * h (two matmuls, forward and twice backward),
 the same for every row; TFLOP/s = useful FLOPs / time. Capacity padding,
@@ -51,7 +53,7 @@ PRESETS = {
         ("target_g4096", 16, 1024, 1024, 4096, 64, 2, 1.25, 4096, "bfloat16"),
     ],
 }
-PATHS = ("dense", "einsum", "gather", "custom_call")
+PATHS = ("dense", "einsum", "gather", "custom_call", "dropless")
 
 
 def build_layer(path, d, h, num_experts, k, capacity_factor, group_size, dtype):
@@ -67,15 +69,18 @@ def build_layer(path, d, h, num_experts, k, capacity_factor, group_size, dtype):
                 keras.layers.Dense(d, dtype=dtype),
             ]
         )
+    dropless = path == "dropless"
     layer = tf_moe.layers.MoE(
         num_experts=num_experts,
         expert_hidden_dim=h,
         router=tf_moe.routing.TopKRouter(k=k),
-        capacity_factor=capacity_factor,
+        capacity_factor=None if dropless else capacity_factor,
         group_size=group_size,
-        dispatch=path,
+        dispatch="custom_call" if dropless else path,
         dtype=dtype,
     )
+    if dropless and not layer.runs_dropless(training=True):
+        raise RuntimeError("the dropless row needs the custom-call libraries")
     if what_if:
         config = layer.experts.get_config()
         config["dtype"] = layer.dtype_policy
@@ -146,7 +151,7 @@ def bench(size, paths, warmup, iters):
     useful_flops = 12.0 * tokens * k * d * h
     rows = []
     for path in paths:
-        if path.startswith("custom_call") and not custom_call.is_available():
+        if path.startswith(("custom_call", "dropless")) and not custom_call.is_available():
             rows.append({"size": name, "path": path, "error": "library not available"})
             continue
         keras.utils.set_random_seed(0)
@@ -163,7 +168,7 @@ def bench(size, paths, warmup, iters):
                 "h": h,
                 "experts": num_experts,
                 "k": k,
-                "capacity_factor": capacity_factor,
+                "capacity_factor": None if path == "dropless" else capacity_factor,
                 "group_size": group_size,
                 "dtype": dtype,
                 "ms": median * 1e3,

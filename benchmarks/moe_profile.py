@@ -21,7 +21,8 @@ factor 1.0), `no_stats` (routing statistics replaced by zeros), `no_aux`
 `sort_positions` (assign_positions by a stable sort instead of a [G, k*S, E]
 one-hot cumsum), `dropless` / `droplessN` (tf_moe.ops.dropless with segments
 padded to N rows instead of capacity buffers; grouped matmul by
-`lax.ragged_dot`, or with `cc` by the CPU custom call).
+"auto", with `rd` by `lax.ragged_dot`, with `cc` by the custom call: CPU
+handlers, or cuBLAS on a GPU).
 
 Usage (GPU; command buffers off so that every kernel carries its HLO op):
     KERAS_BACKEND=jax XLA_FLAGS=--xla_gpu_enable_command_buffer= \
@@ -101,7 +102,9 @@ def build_layer(args, spec):
             routing = layer.router.route(groups, groups.shape[1], token_mask, training)
             outputs = dropless_lib.dropless_moe(
                 groups, routing, layer.experts, tile, training,
-                implementation="custom_call" if "cc" in mods else "auto",
+                implementation=(
+                    "custom_call" if "cc" in mods else "ragged_dot" if "rd" in mods else "auto"
+                ),
             )
             return outputs, metrics_lib.routing_stats(routing)
 
@@ -306,6 +309,8 @@ def hlo_metadata(hlo_text):
 CATEGORY_RULES = (
     # (category, regex on "src op_name opcode")
     ("dispatch/combine", r"^\S*(dispatch\.py|custom_call\.py)|tf_moe_dispatch|tf_moe_combine"),
+    ("grouped matmuls (dropless)", r"^\S*grouped_matmul\.py|tf_moe_grouped_matmul"),
+    ("dropless layout/rows/bias", r"^\S*dropless\.py"),
     ("routing positions", r"^\S*capacity\.py"),
     ("routing statistics", r"^\S*metrics\.py"),
     ("aux losses", r"^\S*losses\.py"),
