@@ -100,25 +100,43 @@ def _require_library(name):
 # TensorFlow.
 
 
+def load_tf_op_library(find_path, feature, alternative, build_hint):
+    """`tf.load_op_library` of the path `find_path()` returns, for the TF op
+    libraries of tf_moe (CPU kernels only).
+
+    Raises:
+        CustomCallUnavailableError: TensorFlow sees a GPU, the library is
+            missing (from `find_path`), or it does not load (built against
+            another TensorFlow); the message names `feature`, the
+            `alternative` to use and how to build (`build_hint`).
+    """
+    import tensorflow as tf
+
+    if tf.config.list_logical_devices("GPU"):
+        raise CustomCallUnavailableError(
+            f"{feature} on the TensorFlow backend has CPU kernels only, and "
+            f"TensorFlow sees a GPU. Use {alternative}, or the JAX backend "
+            "for the CUDA kernels."
+        )
+    path = find_path()
+    try:
+        return tf.load_op_library(path)
+    except tf.errors.NotFoundError as error:
+        raise CustomCallUnavailableError(
+            f"{path} does not load into TensorFlow {tf.__version__} (built "
+            f"against another TensorFlow?): {error}. {build_hint}"
+        ) from error
+
+
 @functools.lru_cache(maxsize=None)
 def _tf_ops():
     """The loaded TF op library; registers the gradients (once)."""
     import tensorflow as tf
 
-    if tf.config.list_logical_devices("GPU"):
-        raise CustomCallUnavailableError(
-            "dispatch='custom_call' on the TensorFlow backend has CPU kernels "
-            "only, and TensorFlow sees a GPU. Use dispatch='gather', or the "
-            "JAX backend for the CUDA kernels."
-        )
-    path = _require_library(TF_LIBRARY)
-    try:
-        lib = tf.load_op_library(path)
-    except tf.errors.NotFoundError as error:
-        raise CustomCallUnavailableError(
-            f"{path} does not load into TensorFlow {tf.__version__} (built "
-            f"against another TensorFlow?): {error}. {BUILD_HINT}"
-        ) from error
+    lib = load_tf_op_library(
+        lambda: _require_library(TF_LIBRARY), "dispatch='custom_call'",
+        "dispatch='gather'", BUILD_HINT,
+    )
 
     @tf.RegisterGradient("TfMoeDispatch")
     def _dispatch_grad(op, grad):

@@ -33,7 +33,7 @@ import os
 import keras
 from keras import ops
 
-from tf_moe.ops.custom_call import CustomCallUnavailableError
+from tf_moe.ops.custom_call import CustomCallUnavailableError, load_tf_op_library
 
 
 def row_expert(layout):
@@ -98,20 +98,11 @@ def _tf_grouped_matmul():
     """The loaded TF op library; registers the gradients (once)."""
     import tensorflow as tf
 
-    if tf.config.list_logical_devices("GPU"):
-        raise CustomCallUnavailableError(
-            "grouped_matmul(implementation='custom_call') on the TensorFlow "
-            "backend has CPU kernels only, and TensorFlow sees a GPU. Use "
-            "implementation='reference', or the JAX backend."
-        )
-    path = _require_library(DROPLESS_TF_LIBRARY)
-    try:
-        lib = tf.load_op_library(path)
-    except tf.errors.NotFoundError as error:
-        raise CustomCallUnavailableError(
-            f"{path} does not load into TensorFlow {tf.__version__} (built "
-            f"against another TensorFlow?): {error}. {BUILD_HINT}"
-        ) from error
+    lib = load_tf_op_library(
+        lambda: _require_library(DROPLESS_TF_LIBRARY),
+        "grouped_matmul(implementation='custom_call')",
+        "implementation='reference'", BUILD_HINT,
+    )
 
     @tf.RegisterGradient("TfMoeGroupedMatmul")
     def _grouped_matmul_grad(op, grad):

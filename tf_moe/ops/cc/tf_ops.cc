@@ -21,13 +21,11 @@
 #include "tensorflow/core/framework/shape_inference.h"
 #include "tensorflow/core/platform/logging.h"
 #include "tf_moe/ops/cc/dispatch_core.h"
+#include "tf_moe/ops/cc/tf_op_support.h"
 #include "tf_moe/ops/cc/ffi_handlers.h"
 #include "xla/ffi/api/c_api.h"
 #include "xla/hlo/builder/xla_builder.h"
 #include "xla/shape_util.h"
-
-// Exported by libtensorflow_framework.so.2: TF's own XLA FFI API.
-extern "C" const XLA_FFI_Api* XLA_FFI_GetApi();
 
 namespace tf_moe {
 namespace {
@@ -47,48 +45,11 @@ namespace errors = ::tensorflow::errors;
 // ---------------------------------------------------------------------------
 // Registration of the FFI handlers into TF's XLA, once, at library load.
 
-bool RegisterFfiHandlers() {
-  const XLA_FFI_Api* api = XLA_FFI_GetApi();
-  struct Target {
-    const char* name;
-    XLA_FFI_Handler* handler;
-  };
-  const Target targets[] = {
-      {"tf_moe_dispatch", TfMoeDispatchHost},
-      {"tf_moe_combine", TfMoeCombineHost},
-      {"tf_moe_combine_grad", TfMoeCombineGradHost},
-  };
-  static const char kPlatform[] = "Host";
-  bool ok = true;
-  for (const Target& target : targets) {
-    XLA_FFI_Handler_Register_Args args;
-    args.struct_size = XLA_FFI_Handler_Register_Args_STRUCT_SIZE;
-    args.extension_start = nullptr;
-    args.name = XLA_FFI_ByteSpan{target.name, std::strlen(target.name)};
-    args.platform = XLA_FFI_ByteSpan{kPlatform, sizeof(kPlatform) - 1};
-    args.bundle = XLA_FFI_Handler_Bundle{nullptr, nullptr, nullptr,
-                                         target.handler};
-    args.traits = 0;
-    if (XLA_FFI_Error* error = api->XLA_FFI_Handler_Register(&args)) {
-      XLA_FFI_Error_GetMessage_Args message;
-      message.struct_size = XLA_FFI_Error_GetMessage_Args_STRUCT_SIZE;
-      message.extension_start = nullptr;
-      message.error = error;
-      api->XLA_FFI_Error_GetMessage(&message);
-      LOG(WARNING) << "tf_moe: could not register XLA FFI handler "
-                   << target.name << ": " << message.message;
-      XLA_FFI_Error_Destroy_Args destroy;
-      destroy.struct_size = XLA_FFI_Error_Destroy_Args_STRUCT_SIZE;
-      destroy.extension_start = nullptr;
-      destroy.error = error;
-      api->XLA_FFI_Error_Destroy(&destroy);
-      ok = false;
-    }
-  }
-  return ok;
-}
-
-const bool kFfiHandlersRegistered = RegisterFfiHandlers();
+const bool kFfiHandlersRegistered = RegisterHostFfiHandlers({
+    {"tf_moe_dispatch", TfMoeDispatchHost},
+    {"tf_moe_combine", TfMoeCombineHost},
+    {"tf_moe_combine_grad", TfMoeCombineGradHost},
+});
 
 // ---------------------------------------------------------------------------
 // Op definitions.
@@ -167,31 +128,6 @@ REGISTER_OP("TfMoeCombineGrad")
 
 // ---------------------------------------------------------------------------
 // CPU kernels.
-
-template <typename T>
-struct CoreType;
-template <>
-struct CoreType<float> {
-  using type = float;
-};
-template <>
-struct CoreType<Eigen::bfloat16> {
-  using type = bf16_t;
-};
-template <>
-struct CoreType<Eigen::half> {
-  using type = f16_t;
-};
-
-template <typename T>
-const typename CoreType<T>::type* Data(const Tensor& t) {
-  return reinterpret_cast<const typename CoreType<T>::type*>(
-      t.flat<T>().data());
-}
-template <typename T>
-typename CoreType<T>::type* MutableData(Tensor* t) {
-  return reinterpret_cast<typename CoreType<T>::type*>(t->flat<T>().data());
-}
 
 // Common part of the three kernels: attributes and the checked routing.
 class RoutingKernel : public OpKernel {
