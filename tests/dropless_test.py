@@ -420,7 +420,7 @@ class CustomCallTest(parameterized.TestCase):
 
     def test_auto_picks_custom_call(self):
         self.assertTrue(grouped_matmul_lib.is_available())
-        self.assertEqual(grouped_matmul_lib._resolve_implementation("auto"), "custom_call")
+        self.assertEqual(grouped_matmul_lib.resolve_implementation("auto"), "custom_call")
 
     def test_missing_library_says_how_to_build(self):
         with tempfile.TemporaryDirectory() as empty:

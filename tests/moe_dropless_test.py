@@ -22,7 +22,7 @@ from absl.testing import parameterized
 from keras import ops
 
 from tf_moe.layers import MoE
-from tf_moe.ops import dropless
+from tf_moe.ops import custom_call, dropless
 from tf_moe.routing import ExpertChoiceRouter, NoisyTopKRouter, TopKRouter
 
 E, D, H = 4, 8, 16
@@ -156,11 +156,14 @@ class DroplessMoETest(parameterized.TestCase):
         moe.build(x.shape)
         self.assertFalse(moe.runs_dropless(training=True))
         self.assertTrue(moe.runs_dropless(training=False))
-        with mock.patch.object(dropless, "dropless_moe", wraps=dropless.dropless_moe) as spy:
+        with mock.patch.object(dropless, "dropless_moe", wraps=dropless.dropless_moe) as spy, \
+                mock.patch.object(custom_call, "custom_call_dispatch",
+                                  wraps=custom_call.custom_call_dispatch) as kernels:
             moe(x, training=True)
-            self.assertEqual(spy.call_count, 0)
+            self.assertEqual((spy.call_count, kernels.call_count), (0, 1))
             moe(x, training=False)
-            self.assertEqual(spy.call_count, 1)
+            # The rows move through the custom-call kernels too (N static).
+            self.assertEqual((spy.call_count, kernels.call_count), (1, 2))
         # Expert choice: capacity is its routing rule, so None keeps C = S.
         expert_choice = MoE(E, H, router=ExpertChoiceRouter(), capacity_factor=None,
                             dispatch="custom_call", group_size=8)

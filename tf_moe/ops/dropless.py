@@ -169,10 +169,52 @@ def experts_on_rows(experts, rows, layout, training=False, implementation="auto"
     return out
 
 
+def _row_routing(routing, layout):
+    """The row layout as a one-expert, one-group `Routing` ([1, G*S, k];
+    choice (t, j) goes to slot row[t, j] of a [1, 1, N, d] buffer), so that
+    the custom-call dispatch/combine kernels move the rows."""
+    k = routing.expert_index.shape[-1]
+
+    def flat(t):
+        return ops.reshape(t, (1, -1, k))
+
+    return routing._replace(
+        expert_index=ops.zeros_like(flat(routing.expert_index)),
+        position=flat(layout.row),
+        dispatch_mask=flat(routing.dispatch_mask),
+        combine_weight=flat(routing.combine_weight),
+        num_experts=1,
+        capacity=layout.num_rows,
+    )
+
+
 def dropless_moe(groups, routing, experts, tile=1, training=False, implementation="auto"):
     """groups [G, S, d] -> [G, S, d]: dispatch, experts and combine without
-    capacity. The hook for `MoE.route_and_compute` (capacity_factor=None)."""
+    capacity. The hook for `MoE.route_and_compute` (capacity_factor=None).
+
+    With the custom-call grouped matmul, rows also move through the
+    custom-call dispatch/combine kernels where they run (N static): their
+    adjoints are gathers, where XLA's gather gradients are scatter-adds."""
+    from tf_moe.ops import custom_call
+    from tf_moe.ops.grouped_matmul import resolve_implementation
+
     layout = dropless_layout(routing, tile)
+    implementation = resolve_implementation(implementation)
+    if (
+        implementation == "custom_call"
+        and isinstance(layout.num_rows, int)
+        and custom_call.is_available()
+    ):
+        g, s, d = groups.shape
+        row_routing = _row_routing(routing, layout)
+        rows = custom_call.custom_call_dispatch(ops.reshape(groups, (1, -1, d)), row_routing)
+        out_rows = experts_on_rows(
+            experts, ops.reshape(rows, (-1, d)), layout, training, implementation
+        )
+        y = custom_call.custom_call_combine(
+            ops.reshape(out_rows, (1, 1, -1, d)), row_routing
+        )
+        return ops.reshape(y, (-1, s, d))
     rows = dropless_dispatch(groups, layout)
     out_rows = experts_on_rows(experts, rows, layout, training, implementation)
     return dropless_combine(out_rows, routing, layout)

@@ -266,7 +266,13 @@ def is_available():
     return _available(backend, platform)
 
 
-def _resolve_implementation(implementation):
+def resolve_implementation(implementation):
+    """The implementation `implementation` names ("auto": "custom_call" where
+    `is_available()`, else "ragged_dot" on JAX, else "reference").
+
+    Raises:
+        ValueError: an unknown name, or "ragged_dot" without JAX.
+    """
     if implementation not in GROUPED_MATMUL_IMPLEMENTATIONS:
         raise ValueError(
             f"`implementation` must be one of {GROUPED_MATMUL_IMPLEMENTATIONS}. "
@@ -307,7 +313,7 @@ def grouped_matmul(rows, kernel, layout, implementation="auto"):
             built or cannot run (the message says how to build it).
     """
     num_experts, a, b = kernel.shape
-    implementation = _resolve_implementation(implementation)
+    implementation = resolve_implementation(implementation)
     kernel = ops.cast(kernel, rows.dtype)
     if implementation == "custom_call":
         require_available()
