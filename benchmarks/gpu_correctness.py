@@ -289,7 +289,7 @@ def main():
                for dtype in ("float32", "bfloat16", "float16")
                for seed, name in enumerate(GROUPED_CASES)]
     mode = os.environ.get("TF_MOE_GROUPED_GEMM", "per-expert GEMMs")
-    streams = os.environ.get("TF_MOE_GEMM_STREAMS", "4")
+    streams = os.environ.get("TF_MOE_GEMM_STREAMS", "8")
     print(f"dropless grouped matmul ({mode}, TF_MOE_GEMM_STREAMS={streams}), "
           "relative error vs float64 numpy")
     header = ("case", "dtype", "rows", "out", "grad_rows", "grad_kernel", "ok")

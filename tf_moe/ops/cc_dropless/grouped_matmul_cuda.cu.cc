@@ -13,7 +13,7 @@
 // synchronization, the same cost as the bounds check of the dispatch kernels),
 // validates them, and issues one GEMM per non-empty expert. One expert's GEMM
 // (a few hundred rows) fills only part of the GPU, so by default the GEMMs
-// are spread round-robin over 4 extra streams (fork/join with events on the
+// are spread round-robin over 8 extra streams (fork/join with events on the
 // XLA stream; TF_MOE_GEMM_STREAMS=n sets n, 1 = all on the XLA stream).
 // TF_MOE_GROUPED_GEMM=grouped issues one `cublasGemmGroupedBatchedEx` launch
 // (cuBLAS >= 12.5) instead; measured slower (docs/benchmarks.md).
@@ -27,6 +27,8 @@
 // Targets (JAX: jax.ffi.register_ffi_target(name, pycapsule, platform="CUDA")):
 //   tf_moe_grouped_matmul              TfMoeGroupedMatmulCuda
 //   tf_moe_grouped_matmul_kernel_grad  TfMoeGroupedMatmulKernelGradCuda
+//   tf_moe_grouped_matmul_grad         TfMoeGroupedMatmulGradCuda (CUDA only:
+//                                      d rows and d kernel in one call)
 //
 // Shape letters: N rows, a input dim, b output dim, E experts.
 
@@ -120,7 +122,7 @@ struct DeviceGemm {
 
 int ExtraStreams() {
   const char* value = std::getenv("TF_MOE_GEMM_STREAMS");
-  const int n = value == nullptr ? 4 : std::atoi(value);
+  const int n = value == nullptr ? 8 : std::atoi(value);
   return n <= 1 ? 0 : (n > 16 ? 16 : n);
 }
 
@@ -182,13 +184,20 @@ ffi::Error CudaDataType(ffi::DataType dtype, cudaDataType* out, size_t* bytes) {
   }
 }
 
+// Expert segments: sizes m_e and starts (host copies of group_sizes).
+struct Segments {
+  std::vector<int32_t> sizes;
+  std::vector<int64_t> starts;  // [E + 1]
+  int64_t used() const { return starts.back(); }
+};
+
 // Copies group_sizes [E] to the host (synchronizing `stream`) and checks
-// them: every size >= 0 and their sum <= N. Returns the segment starts in
-// *starts ([E + 1], starts[E] = total routed rows).
+// them: every size >= 0 and their sum <= N. Fills the sizes and starts.
 ffi::Error ReadGroupSizes(cudaStream_t stream,
                           const ffi::Buffer<ffi::S32>& group_sizes,
-                          int64_t num_rows, std::vector<int32_t>* sizes,
-                          std::vector<int64_t>* starts) {
+                          int64_t num_rows, Segments* segments) {
+  std::vector<int32_t>* sizes = &segments->sizes;
+  std::vector<int64_t>* starts = &segments->starts;
   auto dims = group_sizes.dimensions();
   if (dims.size() != 1) {
     return ffi::Error::InvalidArgument(
@@ -224,14 +233,15 @@ ffi::Error ReadGroupSizes(cudaStream_t stream,
   return ffi::Error::Success();
 }
 
-// One GEMM per listed problem, all with the same (transa, transb) and
-// shapes except the per-problem dims; column-major cuBLAS conventions.
+// GEMMs C = op(A) op(B) to issue together (column-major cuBLAS
+// conventions), one entry per problem.
 struct Problems {
-  std::vector<int> m, n, k, lda, ldb, ldc;
+  std::vector<int> transa, transb, m, n, k, lda, ldb, ldc;
   std::vector<const void*> a, b;
   std::vector<void*> c;
-  void Add(int m_, int n_, int k_, const void* a_, int lda_, const void* b_,
-           int ldb_, void* c_, int ldc_) {
+  void Add(int transa_, int transb_, int m_, int n_, int k_, const void* a_,
+           int lda_, const void* b_, int ldb_, void* c_, int ldc_) {
+    transa.push_back(transa_); transb.push_back(transb_);
     m.push_back(m_); n.push_back(n_); k.push_back(k_);
     a.push_back(a_); b.push_back(b_); c.push_back(c_);
     lda.push_back(lda_); ldb.push_back(ldb_); ldc.push_back(ldc_);
@@ -239,9 +249,66 @@ struct Problems {
   size_t size() const { return m.size(); }
 };
 
+// out_e [m, b] = rows_e [m, a] @ K_e for every non-empty expert; K [E, a, b]
+// or, transposed, K [E, b, a] with out_e = rows_e @ K_e^T. Row-major out_e
+// is column-major out_e^T [b, m] = K_e^T [b, a] @ rows_e^T [a, m]: K_e
+// [a, b] row-major is K_e^T column-major (op N, ld b); K_e [b, a] needs op T
+// (ld a); rows_e row-major is rows_e^T column-major (op N, ld a).
+void AddMatmuls(const Segments& seg, const char* rows, const char* kernel,
+                int64_t a, int64_t b, bool transpose_kernel, size_t bytes,
+                char* out, Problems* p) {
+  if (a == 0 || b == 0) return;
+  for (size_t e = 0; e < seg.sizes.size(); ++e) {
+    if (seg.sizes[e] == 0) continue;
+    p->Add(transpose_kernel ? kOpT : kOpN, kOpN, static_cast<int>(b),
+           seg.sizes[e], static_cast<int>(a), kernel + e * a * b * bytes,
+           static_cast<int>(transpose_kernel ? a : b),
+           rows + seg.starts[e] * a * bytes, static_cast<int>(a),
+           out + seg.starts[e] * b * bytes, static_cast<int>(b));
+  }
+}
+
+// dK_e [a, b] = rows_e^T [a, m] @ grad_e [m, b] for every non-empty expert.
+// Column-major: dK_e^T [b, a] = grad_e^T [b, m] (grad_e row-major: op N,
+// ld b) @ rows_e [m, a] (rows_e row-major is rows_e^T column-major: op T,
+// ld a).
+void AddKernelGrads(const Segments& seg, const char* rows, const char* grad,
+                    int64_t a, int64_t b, size_t bytes, char* kernel_grad,
+                    Problems* p) {
+  if (a == 0 || b == 0) return;
+  for (size_t e = 0; e < seg.sizes.size(); ++e) {
+    if (seg.sizes[e] == 0) continue;
+    p->Add(kOpN, kOpT, static_cast<int>(b), static_cast<int>(a), seg.sizes[e],
+           grad + seg.starts[e] * b * bytes, static_cast<int>(b),
+           rows + seg.starts[e] * a * bytes, static_cast<int>(a),
+           kernel_grad + e * a * b * bytes, static_cast<int>(b));
+  }
+}
+
+// Zeroes what the GEMMs do not write: rows past the last segment of an
+// [N, width] output (all of it when the GEMMs are empty), and dK_e of
+// experts without rows.
+void ZeroRowTail(cudaStream_t stream, const Segments& seg, int64_t num_rows,
+                 int64_t width, int64_t inner, size_t bytes, char* out) {
+  const int64_t from = inner == 0 ? 0 : seg.used();
+  if (from < num_rows) {
+    cudaMemsetAsync(out + from * width * bytes, 0,
+                    (num_rows - from) * width * bytes, stream);
+  }
+}
+void ZeroEmptyExperts(cudaStream_t stream, const Segments& seg,
+                      int64_t expert_bytes, char* kernel_grad) {
+  for (size_t e = 0; e < seg.sizes.size(); ++e) {
+    if (seg.sizes[e] == 0) {
+      cudaMemsetAsync(kernel_grad + e * expert_bytes, 0, expert_bytes, stream);
+    }
+  }
+}
+
+// Issues the GEMMs: round-robin over the extra streams between a fork and a
+// join on `stream` (default), on `stream` alone, or as one grouped launch.
 ffi::Error RunGemms(cudaStream_t stream, ffi::ScratchAllocator& scratch,
-                    int transa, int transb, cudaDataType type,
-                    const Problems& p) {
+                    cudaDataType type, const Problems& p) {
   if (p.size() == 0) return ffi::Error::Success();
   const Cublas* cublas;
   DeviceGemm* gemm;
@@ -260,10 +327,10 @@ ffi::Error RunGemms(cudaStream_t stream, ffi::ScratchAllocator& scratch,
     auto** device = static_cast<void**>(*memory);
     cudaMemcpyAsync(device, pointers.data(), pointers.size() * sizeof(void*),
                     cudaMemcpyHostToDevice, stream);
-    std::vector<int> ta(count, transa), tb(count, transb), ones(count, 1);
+    std::vector<int> ones(count, 1);
     std::vector<float> alpha(count, one), beta(count, zero);
     int status = cublas->grouped(
-        gemm->handle, ta.data(), tb.data(), p.m.data(), p.n.data(),
+        gemm->handle, p.transa.data(), p.transb.data(), p.m.data(), p.n.data(),
         p.k.data(), alpha.data(), device, type, p.lda.data(), device + count,
         type, p.ldb.data(), beta.data(), device + 2 * count, type,
         p.ldc.data(), count, ones.data(), kCompute32F);
@@ -283,7 +350,7 @@ ffi::Error RunGemms(cudaStream_t stream, ffi::ScratchAllocator& scratch,
   }
   for (int i = 0; i < count; ++i) {
     CublasHandle handle = lanes > 1 ? gemm->stream_handles[i % lanes] : gemm->handle;
-    int status = cublas->gemm(handle, transa, transb, p.m[i], p.n[i], p.k[i],
+    int status = cublas->gemm(handle, p.transa[i], p.transb[i], p.m[i], p.n[i], p.k[i],
                               &one, p.a[i], type, p.lda[i], p.b[i], type,
                               p.ldb[i], &zero, p.c[i], type, p.ldc[i],
                               kCompute32F, kGemmDefault);
@@ -302,6 +369,14 @@ ffi::Error RunGemms(cudaStream_t stream, ffi::ScratchAllocator& scratch,
 
 // --- handlers ----------------------------------------------------------------
 
+// Shape checks shared by the handlers: rows [N, a], group_sizes [E] and the
+// others' shapes as listed; one dtype.
+ffi::Error CheckShapes(bool ok, const char* what, const std::string& shapes) {
+  if (ok) return ffi::Error::Success();
+  return ffi::Error::InvalidArgument(std::string("tf_moe: ") + what +
+                                     ". Received: " + shapes);
+}
+
 ffi::Error GroupedMatmulCuda(cudaStream_t stream, ffi::ScratchAllocator scratch,
                              ffi::AnyBuffer rows, ffi::AnyBuffer kernel,
                              ffi::Buffer<ffi::S32> group_sizes,
@@ -310,60 +385,38 @@ ffi::Error GroupedMatmulCuda(cudaStream_t stream, ffi::ScratchAllocator scratch,
   auto r = rows.dimensions();
   auto kd = kernel.dimensions();
   auto o = out->dimensions();
-  if (r.size() != 2 || kd.size() != 3 || o.size() != 2 || o[0] != r[0] ||
-      (transpose_kernel ? kd[2] : kd[1]) != r[1] ||
-      (transpose_kernel ? kd[1] : kd[2]) != o[1] ||
-      group_sizes.dimensions().size() != 1 ||
-      group_sizes.dimensions()[0] != kd[0] ||
-      kernel.element_type() != rows.element_type() ||
-      out->element_type() != rows.element_type()) {
-    return ffi::Error::InvalidArgument(
-        "tf_moe: grouped matmul needs rows [N, a], kernel [E, a, b] ([E, b, "
-        "a] when transposed), group_sizes [E] and output [N, b] of one dtype. "
-        "Received: rows.shape=" + DimsToString(r) + ", kernel.shape=" +
-        DimsToString(kd) + ", group_sizes.shape=" +
-        DimsToString(group_sizes.dimensions()) + ", output.shape=" +
-        DimsToString(o) + ", transpose_kernel=" +
-        std::to_string(transpose_kernel));
+  auto gs = group_sizes.dimensions();
+  if (auto e = CheckShapes(
+          r.size() == 2 && kd.size() == 3 && o.size() == 2 && o[0] == r[0] &&
+              (transpose_kernel ? kd[2] : kd[1]) == r[1] &&
+              (transpose_kernel ? kd[1] : kd[2]) == o[1] && gs.size() == 1 &&
+              gs[0] == kd[0] && kernel.element_type() == rows.element_type() &&
+              out->element_type() == rows.element_type(),
+          "grouped matmul needs rows [N, a], kernel [E, a, b] ([E, b, a] when "
+          "transposed), group_sizes [E] and output [N, b] of one dtype",
+          "rows.shape=" + DimsToString(r) + ", kernel.shape=" +
+              DimsToString(kd) + ", group_sizes.shape=" + DimsToString(gs) +
+              ", output.shape=" + DimsToString(o) +
+              ", transpose_kernel=" + std::to_string(transpose_kernel));
+      !e.success()) {
+    return e;
   }
   cudaDataType type;
   size_t bytes;
   if (auto e = CudaDataType(rows.element_type(), &type, &bytes); !e.success()) {
     return e;
   }
-  const int64_t n = r[0], a = r[1], b = o[1];
-  std::vector<int32_t> sizes;
-  std::vector<int64_t> starts;
-  if (auto e = ReadGroupSizes(stream, group_sizes, n, &sizes, &starts);
-      !e.success()) {
+  Segments seg;
+  if (auto e = ReadGroupSizes(stream, group_sizes, r[0], &seg); !e.success()) {
     return e;
   }
   auto* out_data = static_cast<char*>(out->untyped_data());
-  const int64_t used = starts.back();
-  if (used < n) {
-    cudaMemsetAsync(out_data + used * b * bytes, 0, (n - used) * b * bytes,
-                    stream);
-  }
-  if (a == 0) {
-    cudaMemsetAsync(out_data, 0, used * b * bytes, stream);
-    return ffi::Error::Success();
-  }
-  // Row-major out_e [m, b] = rows_e [m, a] @ K_e [a, b] is column-major
-  // out_e^T [b, m] = K_e^T [b, a] @ rows_e^T [a, m]; K_e [a, b] row-major is
-  // K_e^T column-major (op N, ld b); transposed, K_e [b, a] needs op T (ld a).
-  const auto* rows_data = static_cast<const char*>(rows.untyped_data());
-  const auto* kernel_data = static_cast<const char*>(kernel.untyped_data());
+  ZeroRowTail(stream, seg, r[0], o[1], r[1], bytes, out_data);
   Problems p;
-  for (size_t e = 0; e < sizes.size(); ++e) {
-    if (sizes[e] == 0 || b == 0) continue;
-    p.Add(static_cast<int>(b), sizes[e], static_cast<int>(a),
-          kernel_data + e * a * b * bytes,
-          static_cast<int>(transpose_kernel ? a : b),
-          rows_data + starts[e] * a * bytes, static_cast<int>(a),
-          out_data + starts[e] * b * bytes, static_cast<int>(b));
-  }
-  return RunGemms(stream, scratch, transpose_kernel ? kOpT : kOpN, kOpN, type,
-                  p);
+  AddMatmuls(seg, static_cast<const char*>(rows.untyped_data()),
+             static_cast<const char*>(kernel.untyped_data()), r[1], o[1],
+             transpose_kernel != 0, bytes, out_data, &p);
+  return RunGemms(stream, scratch, type, p);
 }
 
 ffi::Error GroupedMatmulKernelGradCuda(
@@ -373,51 +426,97 @@ ffi::Error GroupedMatmulKernelGradCuda(
   auto r = rows.dimensions();
   auto g = grad.dimensions();
   auto kd = kernel_grad->dimensions();
-  if (r.size() != 2 || g.size() != 2 || g[0] != r[0] || kd.size() != 3 ||
-      kd[1] != r[1] || kd[2] != g[1] || group_sizes.dimensions().size() != 1 ||
-      group_sizes.dimensions()[0] != kd[0] ||
-      grad.element_type() != rows.element_type() ||
-      kernel_grad->element_type() != rows.element_type()) {
-    return ffi::Error::InvalidArgument(
-        "tf_moe: grouped matmul kernel gradient needs rows [N, a], grad "
-        "[N, b], group_sizes [E] and kernel_grad [E, a, b] of one dtype. "
-        "Received: rows.shape=" + DimsToString(r) + ", grad.shape=" +
-        DimsToString(g) + ", group_sizes.shape=" +
-        DimsToString(group_sizes.dimensions()) + ", kernel_grad.shape=" +
-        DimsToString(kd));
+  auto gs = group_sizes.dimensions();
+  if (auto e = CheckShapes(
+          r.size() == 2 && g.size() == 2 && g[0] == r[0] && kd.size() == 3 &&
+              kd[1] == r[1] && kd[2] == g[1] && gs.size() == 1 &&
+              gs[0] == kd[0] && grad.element_type() == rows.element_type() &&
+              kernel_grad->element_type() == rows.element_type(),
+          "grouped matmul kernel gradient needs rows [N, a], grad [N, b], "
+          "group_sizes [E] and kernel_grad [E, a, b] of one dtype",
+          "rows.shape=" + DimsToString(r) + ", grad.shape=" + DimsToString(g) +
+              ", group_sizes.shape=" + DimsToString(gs) +
+              ", kernel_grad.shape=" + DimsToString(kd));
+      !e.success()) {
+    return e;
   }
   cudaDataType type;
   size_t bytes;
   if (auto e = CudaDataType(rows.element_type(), &type, &bytes); !e.success()) {
     return e;
   }
-  const int64_t a = r[1], b = g[1];
-  std::vector<int32_t> sizes;
-  std::vector<int64_t> starts;
-  if (auto e = ReadGroupSizes(stream, group_sizes, r[0], &sizes, &starts);
+  Segments seg;
+  if (auto e = ReadGroupSizes(stream, group_sizes, r[0], &seg); !e.success()) {
+    return e;
+  }
+  auto* dk = static_cast<char*>(kernel_grad->untyped_data());
+  ZeroEmptyExperts(stream, seg, r[1] * g[1] * bytes, dk);
+  Problems p;
+  AddKernelGrads(seg, static_cast<const char*>(rows.untyped_data()),
+                 static_cast<const char*>(grad.untyped_data()), r[1], g[1],
+                 bytes, dk, &p);
+  return RunGemms(stream, scratch, type, p);
+}
+
+// Both gradients of out = grouped_matmul(rows, kernel) in one call: one read
+// of group_sizes (one stream synchronization instead of two), and the d rows
+// and d kernel GEMMs of all experts issued together over the streams.
+ffi::Error GroupedMatmulGradCuda(
+    cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::AnyBuffer rows,
+    ffi::AnyBuffer kernel, ffi::AnyBuffer grad,
+    ffi::Buffer<ffi::S32> group_sizes, ffi::Result<ffi::AnyBuffer> rows_grad,
+    ffi::Result<ffi::AnyBuffer> kernel_grad) {
+  auto r = rows.dimensions();
+  auto kd = kernel.dimensions();
+  auto g = grad.dimensions();
+  auto gs = group_sizes.dimensions();
+  if (auto e = CheckShapes(
+          r.size() == 2 && kd.size() == 3 && g.size() == 2 && g[0] == r[0] &&
+              kd[1] == r[1] && kd[2] == g[1] && gs.size() == 1 &&
+              gs[0] == kd[0] && rows_grad->dimensions() == r &&
+              kernel_grad->dimensions() == kd &&
+              kernel.element_type() == rows.element_type() &&
+              grad.element_type() == rows.element_type() &&
+              rows_grad->element_type() == rows.element_type() &&
+              kernel_grad->element_type() == rows.element_type(),
+          "grouped matmul gradient needs rows [N, a], kernel [E, a, b], grad "
+          "[N, b] and group_sizes [E] of one dtype",
+          "rows.shape=" + DimsToString(r) + ", kernel.shape=" +
+              DimsToString(kd) + ", grad.shape=" + DimsToString(g) +
+              ", group_sizes.shape=" + DimsToString(gs));
       !e.success()) {
     return e;
   }
-  // Row-major dK_e [a, b] = rows_e^T [a, m] @ grad_e [m, b] is column-major
-  // dK_e^T [b, a] = grad_e^T [b, m] (grad_e row-major: op N, ld b) @ rows_e
-  // [m, a] (rows_e row-major is rows_e^T column-major: op T, ld a).
-  const auto* rows_data = static_cast<const char*>(rows.untyped_data());
-  const auto* grad_data = static_cast<const char*>(grad.untyped_data());
-  auto* out_data = static_cast<char*>(kernel_grad->untyped_data());
-  Problems p;
-  for (size_t e = 0; e < sizes.size(); ++e) {
-    char* dk = out_data + e * a * b * bytes;
-    if (sizes[e] == 0) {
-      cudaMemsetAsync(dk, 0, a * b * bytes, stream);
-      continue;
-    }
-    if (a == 0 || b == 0) continue;
-    p.Add(static_cast<int>(b), static_cast<int>(a), sizes[e],
-          grad_data + starts[e] * b * bytes, static_cast<int>(b),
-          rows_data + starts[e] * a * bytes, static_cast<int>(a), dk,
-          static_cast<int>(b));
+  cudaDataType type;
+  size_t bytes;
+  if (auto e = CudaDataType(rows.element_type(), &type, &bytes); !e.success()) {
+    return e;
   }
-  return RunGemms(stream, scratch, kOpN, kOpT, type, p);
+  Segments seg;
+  if (auto e = ReadGroupSizes(stream, group_sizes, r[0], &seg); !e.success()) {
+    return e;
+  }
+  auto* d_rows = static_cast<char*>(rows_grad->untyped_data());
+  auto* d_kernel = static_cast<char*>(kernel_grad->untyped_data());
+  ZeroRowTail(stream, seg, r[0], r[1], g[1], bytes, d_rows);
+  ZeroEmptyExperts(stream, seg, r[1] * g[1] * bytes, d_kernel);
+  // d rows_e = grad_e @ K_e^T; dK_e = rows_e^T grad_e. Interleaved per
+  // expert, so that the two GEMMs of one expert land on different streams.
+  Problems dr, dk, p;
+  AddMatmuls(seg, static_cast<const char*>(grad.untyped_data()),
+             static_cast<const char*>(kernel.untyped_data()), g[1], r[1],
+             /*transpose_kernel=*/true, bytes, d_rows, &dr);
+  AddKernelGrads(seg, static_cast<const char*>(rows.untyped_data()),
+                 static_cast<const char*>(grad.untyped_data()), r[1], g[1],
+                 bytes, d_kernel, &dk);
+  for (size_t i = 0; i < std::max(dr.size(), dk.size()); ++i) {
+    for (const Problems* q : {&dr, &dk}) {
+      if (i >= q->size()) continue;
+      p.Add(q->transa[i], q->transb[i], q->m[i], q->n[i], q->k[i], q->a[i],
+            q->lda[i], q->b[i], q->ldb[i], q->c[i], q->ldc[i]);
+    }
+  }
+  return RunGemms(stream, scratch, type, p);
 }
 
 }  // namespace
@@ -442,4 +541,16 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
         .Arg<xla::ffi::AnyBuffer>()               // rows [N, a]
         .Arg<xla::ffi::AnyBuffer>()               // grad [N, b]
         .Arg<xla::ffi::Buffer<xla::ffi::S32>>()   // group_sizes [E]
+        .Ret<xla::ffi::AnyBuffer>());             // kernel_grad [E, a, b]
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    TfMoeGroupedMatmulGradCuda, tf_moe::GroupedMatmulGradCuda,
+    xla::ffi::Ffi::Bind()
+        .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()
+        .Ctx<xla::ffi::ScratchAllocator>()
+        .Arg<xla::ffi::AnyBuffer>()               // rows [N, a]
+        .Arg<xla::ffi::AnyBuffer>()               // kernel [E, a, b]
+        .Arg<xla::ffi::AnyBuffer>()               // grad [N, b]
+        .Arg<xla::ffi::Buffer<xla::ffi::S32>>()   // group_sizes [E]
+        .Ret<xla::ffi::AnyBuffer>()               // rows_grad [N, a]
         .Ret<xla::ffi::AnyBuffer>());             // kernel_grad [E, a, b]
