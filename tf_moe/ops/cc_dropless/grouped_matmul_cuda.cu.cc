@@ -377,6 +377,16 @@ ffi::Error CheckShapes(bool ok, const char* what, const std::string& shapes) {
                                      ". Received: " + shapes);
 }
 
+// The cuBLAS type and element size of `rows`, and the checked segments.
+ffi::Error Prepare(cudaStream_t stream, const ffi::AnyBuffer& rows,
+                   const ffi::Buffer<ffi::S32>& group_sizes,
+                   cudaDataType* type, size_t* bytes, Segments* seg) {
+  if (auto e = CudaDataType(rows.element_type(), type, bytes); !e.success()) {
+    return e;
+  }
+  return ReadGroupSizes(stream, group_sizes, rows.dimensions()[0], seg);
+}
+
 ffi::Error GroupedMatmulCuda(cudaStream_t stream, ffi::ScratchAllocator scratch,
                              ffi::AnyBuffer rows, ffi::AnyBuffer kernel,
                              ffi::Buffer<ffi::S32> group_sizes,
@@ -403,11 +413,9 @@ ffi::Error GroupedMatmulCuda(cudaStream_t stream, ffi::ScratchAllocator scratch,
   }
   cudaDataType type;
   size_t bytes;
-  if (auto e = CudaDataType(rows.element_type(), &type, &bytes); !e.success()) {
-    return e;
-  }
   Segments seg;
-  if (auto e = ReadGroupSizes(stream, group_sizes, r[0], &seg); !e.success()) {
+  if (auto e = Prepare(stream, rows, group_sizes, &type, &bytes, &seg);
+      !e.success()) {
     return e;
   }
   auto* out_data = static_cast<char*>(out->untyped_data());
@@ -442,11 +450,9 @@ ffi::Error GroupedMatmulKernelGradCuda(
   }
   cudaDataType type;
   size_t bytes;
-  if (auto e = CudaDataType(rows.element_type(), &type, &bytes); !e.success()) {
-    return e;
-  }
   Segments seg;
-  if (auto e = ReadGroupSizes(stream, group_sizes, r[0], &seg); !e.success()) {
+  if (auto e = Prepare(stream, rows, group_sizes, &type, &bytes, &seg);
+      !e.success()) {
     return e;
   }
   auto* dk = static_cast<char*>(kernel_grad->untyped_data());
@@ -489,11 +495,9 @@ ffi::Error GroupedMatmulGradCuda(
   }
   cudaDataType type;
   size_t bytes;
-  if (auto e = CudaDataType(rows.element_type(), &type, &bytes); !e.success()) {
-    return e;
-  }
   Segments seg;
-  if (auto e = ReadGroupSizes(stream, group_sizes, r[0], &seg); !e.success()) {
+  if (auto e = Prepare(stream, rows, group_sizes, &type, &bytes, &seg);
+      !e.success()) {
     return e;
   }
   auto* d_rows = static_cast<char*>(rows_grad->untyped_data());
