@@ -64,22 +64,25 @@ class CustomCallUnavailableError(RuntimeError):
     """The custom-call library is not built or cannot run here."""
 
 
-def library_dirs():
-    """Directories searched for the libraries, in order."""
+def library_dirs(package="cc"):
+    """Directories searched for the libraries of `tf_moe/ops/<package>`, in
+    order: $TF_MOE_OPS_DIR, `tf_moe/ops/<package>/` next to this module (e.g.
+    Bazel runfiles) and, outside Bazel tests, the checkout's
+    `bazel-bin/tf_moe/ops/<package>/`."""
     dirs = []
     if os.environ.get(LIBRARY_DIR_ENV):
         dirs.append(os.environ[LIBRARY_DIR_ENV])
     here = os.path.dirname(os.path.abspath(__file__))
-    dirs.append(os.path.join(here, "cc"))
+    dirs.append(os.path.join(here, package))
     if "TEST_SRCDIR" not in os.environ:  # not inside a (hermetic) Bazel test
         root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.realpath(__file__))))
-        dirs.append(os.path.join(root, "bazel-bin", "tf_moe", "ops", "cc"))
+        dirs.append(os.path.join(root, "bazel-bin", "tf_moe", "ops", package))
     return dirs
 
 
-def find_library(name):
-    """Path of library `name` in `library_dirs()`, or None."""
-    for directory in library_dirs():
+def find_library(name, dirs=None):
+    """Path of library `name` in `dirs` (default `library_dirs()`), or None."""
+    for directory in library_dirs() if dirs is None else dirs:
         path = os.path.join(directory, name)
         if os.path.isfile(path):
             return path

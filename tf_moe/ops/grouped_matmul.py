@@ -28,12 +28,16 @@ Shape letters: N rows, a input dim, b output dim, E experts.
 """
 
 import functools
-import os
 
 import keras
 from keras import ops
 
-from tf_moe.ops.custom_call import CustomCallUnavailableError, load_tf_op_library
+from tf_moe.ops.custom_call import (
+    CustomCallUnavailableError,
+    find_library,
+    library_dirs,
+    load_tf_op_library,
+)
 
 
 def row_expert(layout):
@@ -66,29 +70,19 @@ BUILD_HINT = (
 
 
 def dropless_library_dirs():
-    """Directories searched for the grouped-matmul libraries, in order:
-    $TF_MOE_OPS_DIR, `tf_moe/ops/cc_dropless/` (Bazel runfiles) and, outside
-    Bazel tests, the checkout's `bazel-bin/tf_moe/ops/cc_dropless/`."""
-    dirs = []
-    if os.environ.get("TF_MOE_OPS_DIR"):
-        dirs.append(os.environ["TF_MOE_OPS_DIR"])
-    here = os.path.dirname(os.path.abspath(__file__))
-    dirs.append(os.path.join(here, "cc_dropless"))
-    if "TEST_SRCDIR" not in os.environ:
-        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.realpath(__file__))))
-        dirs.append(os.path.join(root, "bazel-bin", "tf_moe", "ops", "cc_dropless"))
-    return dirs
+    """Directories searched for the grouped-matmul libraries: those of
+    `custom_call.library_dirs` for `tf_moe/ops/cc_dropless`."""
+    return library_dirs("cc_dropless")
 
 
 def _require_library(name):
-    for directory in dropless_library_dirs():
-        path = os.path.join(directory, name)
-        if os.path.isfile(path):
-            return path
-    raise CustomCallUnavailableError(
-        f"grouped_matmul(implementation='custom_call') needs {name}, which was "
-        f"not found in {dropless_library_dirs()}. {BUILD_HINT}"
-    )
+    path = find_library(name, dropless_library_dirs())
+    if path is None:
+        raise CustomCallUnavailableError(
+            f"grouped_matmul(implementation='custom_call') needs {name}, which "
+            f"was not found in {dropless_library_dirs()}. {BUILD_HINT}"
+        )
+    return path
 
 
 # ---------------------------------------------------------------------------

@@ -21,7 +21,8 @@
 // the caller supplies; each is one single-threaded Eigen GEMM (or a few, for
 // 16-bit chunks).
 //
-// Call ValidateGroupSizes first: the GEMMs trust the sizes.
+// Call ValidateGroupSizes (grouped_matmul_checks.h) first: the GEMMs trust
+// the sizes.
 //
 // Shape letters: N rows, a input dim, b output dim, E experts.
 
@@ -40,27 +41,6 @@
 #include "tf_moe/ops/cc/dispatch_core.h"
 
 namespace tf_moe {
-
-// Empty when every group size is >= 0 and they sum to at most num_rows; else
-// the message, with the numbers.
-inline std::string ValidateGroupSizes(const int32_t* group_sizes,
-                                      int64_t num_experts, int64_t num_rows) {
-  int64_t total = 0;
-  for (int64_t e = 0; e < num_experts; ++e) {
-    if (group_sizes[e] < 0) {
-      return "`group_sizes` must be >= 0. Received: group_sizes[" +
-             std::to_string(e) + "]=" + std::to_string(group_sizes[e]);
-    }
-    total += group_sizes[e];
-  }
-  if (total > num_rows) {
-    return "`group_sizes` must sum to at most the number of rows N=" +
-           std::to_string(num_rows) +
-           ". Received: sum(group_sizes)=" + std::to_string(total) +
-           " over E=" + std::to_string(num_experts) + " experts";
-  }
-  return std::string();
-}
 
 // Runs task(i) for every i in [0, num_tasks), possibly in parallel, and
 // returns when all have run. The frameworks supply one over their CPU thread

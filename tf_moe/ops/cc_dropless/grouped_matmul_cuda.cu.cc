@@ -46,6 +46,7 @@
 #include <vector>
 
 #include "tf_moe/ops/cc/ffi_common.h"
+#include "tf_moe/ops/cc_dropless/grouped_matmul_checks.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace tf_moe {
@@ -191,24 +192,16 @@ struct Segments {
   int64_t used() const { return starts.back(); }
 };
 
-// Copies group_sizes [E] to the host (synchronizing `stream`) and checks
-// them: every size >= 0 and their sum <= N. Fills the sizes and starts.
+// Copies group_sizes [E] (shape already checked) to the host, synchronizing
+// `stream`, checks the values (ValidateGroupSizes) and fills the segments.
 ffi::Error ReadGroupSizes(cudaStream_t stream,
                           const ffi::Buffer<ffi::S32>& group_sizes,
                           int64_t num_rows, Segments* segments) {
-  std::vector<int32_t>* sizes = &segments->sizes;
-  std::vector<int64_t>* starts = &segments->starts;
-  auto dims = group_sizes.dimensions();
-  if (dims.size() != 1) {
-    return ffi::Error::InvalidArgument(
-        "tf_moe: `group_sizes` must have rank 1 [E]. Received: "
-        "group_sizes.shape=" + DimsToString(dims));
-  }
-  const int64_t num_experts = dims[0];
-  sizes->resize(num_experts);
-  starts->assign(num_experts + 1, 0);
+  const int64_t num_experts = group_sizes.dimensions()[0];
+  std::vector<int32_t>& sizes = segments->sizes;
+  sizes.resize(num_experts);
   if (num_experts > 0) {
-    cudaMemcpyAsync(sizes->data(), group_sizes.typed_data(),
+    cudaMemcpyAsync(sizes.data(), group_sizes.typed_data(),
                     num_experts * sizeof(int32_t), cudaMemcpyDeviceToHost,
                     stream);
     if (cudaStreamSynchronize(stream) != cudaSuccess) {
@@ -216,19 +209,11 @@ ffi::Error ReadGroupSizes(cudaStream_t stream,
                                   std::string(cudaGetErrorString(cudaGetLastError())));
     }
   }
+  std::string message = ValidateGroupSizes(sizes.data(), num_experts, num_rows);
+  if (!message.empty()) return ffi::Error::InvalidArgument("tf_moe: " + message);
+  segments->starts.assign(num_experts + 1, 0);
   for (int64_t e = 0; e < num_experts; ++e) {
-    if ((*sizes)[e] < 0) {
-      return ffi::Error::InvalidArgument(
-          "tf_moe: `group_sizes` must be >= 0. Received: group_sizes[" +
-          std::to_string(e) + "]=" + std::to_string((*sizes)[e]));
-    }
-    (*starts)[e + 1] = (*starts)[e] + (*sizes)[e];
-  }
-  if ((*starts)[num_experts] > num_rows) {
-    return ffi::Error::InvalidArgument(
-        "tf_moe: `group_sizes` must sum to at most the number of rows N=" +
-        std::to_string(num_rows) + ". Received: sum(group_sizes)=" +
-        std::to_string((*starts)[num_experts]));
+    segments->starts[e + 1] = segments->starts[e] + sizes[e];
   }
   return ffi::Error::Success();
 }
@@ -369,14 +354,6 @@ ffi::Error RunGemms(cudaStream_t stream, ffi::ScratchAllocator& scratch,
 
 // --- handlers ----------------------------------------------------------------
 
-// Shape checks shared by the handlers: rows [N, a], group_sizes [E] and the
-// others' shapes as listed; one dtype.
-ffi::Error CheckShapes(bool ok, const char* what, const std::string& shapes) {
-  if (ok) return ffi::Error::Success();
-  return ffi::Error::InvalidArgument(std::string("tf_moe: ") + what +
-                                     ". Received: " + shapes);
-}
-
 // The cuBLAS type and element size of `rows`, and the checked segments.
 ffi::Error Prepare(cudaStream_t stream, const ffi::AnyBuffer& rows,
                    const ffi::Buffer<ffi::S32>& group_sizes,
@@ -392,25 +369,13 @@ ffi::Error GroupedMatmulCuda(cudaStream_t stream, ffi::ScratchAllocator scratch,
                              ffi::Buffer<ffi::S32> group_sizes,
                              int64_t transpose_kernel,
                              ffi::Result<ffi::AnyBuffer> out) {
-  auto r = rows.dimensions();
-  auto kd = kernel.dimensions();
-  auto o = out->dimensions();
-  auto gs = group_sizes.dimensions();
-  if (auto e = CheckShapes(
-          r.size() == 2 && kd.size() == 3 && o.size() == 2 && o[0] == r[0] &&
-              (transpose_kernel ? kd[2] : kd[1]) == r[1] &&
-              (transpose_kernel ? kd[1] : kd[2]) == o[1] && gs.size() == 1 &&
-              gs[0] == kd[0] && kernel.element_type() == rows.element_type() &&
-              out->element_type() == rows.element_type(),
-          "grouped matmul needs rows [N, a], kernel [E, a, b] ([E, b, a] when "
-          "transposed), group_sizes [E] and output [N, b] of one dtype",
-          "rows.shape=" + DimsToString(r) + ", kernel.shape=" +
-              DimsToString(kd) + ", group_sizes.shape=" + DimsToString(gs) +
-              ", output.shape=" + DimsToString(o) +
-              ", transpose_kernel=" + std::to_string(transpose_kernel));
+  if (auto e = CheckGroupedMatmul(rows, kernel, group_sizes, transpose_kernel,
+                                  *out);
       !e.success()) {
     return e;
   }
+  auto r = rows.dimensions();
+  auto o = out->dimensions();
   cudaDataType type;
   size_t bytes;
   Segments seg;
@@ -431,23 +396,12 @@ ffi::Error GroupedMatmulKernelGradCuda(
     cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::AnyBuffer rows,
     ffi::AnyBuffer grad, ffi::Buffer<ffi::S32> group_sizes,
     ffi::Result<ffi::AnyBuffer> kernel_grad) {
-  auto r = rows.dimensions();
-  auto g = grad.dimensions();
-  auto kd = kernel_grad->dimensions();
-  auto gs = group_sizes.dimensions();
-  if (auto e = CheckShapes(
-          r.size() == 2 && g.size() == 2 && g[0] == r[0] && kd.size() == 3 &&
-              kd[1] == r[1] && kd[2] == g[1] && gs.size() == 1 &&
-              gs[0] == kd[0] && grad.element_type() == rows.element_type() &&
-              kernel_grad->element_type() == rows.element_type(),
-          "grouped matmul kernel gradient needs rows [N, a], grad [N, b], "
-          "group_sizes [E] and kernel_grad [E, a, b] of one dtype",
-          "rows.shape=" + DimsToString(r) + ", grad.shape=" + DimsToString(g) +
-              ", group_sizes.shape=" + DimsToString(gs) +
-              ", kernel_grad.shape=" + DimsToString(kd));
+  if (auto e = CheckKernelGrad(rows, grad, group_sizes, *kernel_grad);
       !e.success()) {
     return e;
   }
+  auto r = rows.dimensions();
+  auto g = grad.dimensions();
   cudaDataType type;
   size_t bytes;
   Segments seg;
@@ -472,27 +426,18 @@ ffi::Error GroupedMatmulGradCuda(
     ffi::AnyBuffer kernel, ffi::AnyBuffer grad,
     ffi::Buffer<ffi::S32> group_sizes, ffi::Result<ffi::AnyBuffer> rows_grad,
     ffi::Result<ffi::AnyBuffer> kernel_grad) {
-  auto r = rows.dimensions();
-  auto kd = kernel.dimensions();
-  auto g = grad.dimensions();
-  auto gs = group_sizes.dimensions();
-  if (auto e = CheckShapes(
-          r.size() == 2 && kd.size() == 3 && g.size() == 2 && g[0] == r[0] &&
-              kd[1] == r[1] && kd[2] == g[1] && gs.size() == 1 &&
-              gs[0] == kd[0] && rows_grad->dimensions() == r &&
-              kernel_grad->dimensions() == kd &&
-              kernel.element_type() == rows.element_type() &&
-              grad.element_type() == rows.element_type() &&
-              rows_grad->element_type() == rows.element_type() &&
-              kernel_grad->element_type() == rows.element_type(),
-          "grouped matmul gradient needs rows [N, a], kernel [E, a, b], grad "
-          "[N, b] and group_sizes [E] of one dtype",
-          "rows.shape=" + DimsToString(r) + ", kernel.shape=" +
-              DimsToString(kd) + ", grad.shape=" + DimsToString(g) +
-              ", group_sizes.shape=" + DimsToString(gs));
+  // d rows = grouped_matmul(grad, kernel transposed); d kernel as alone.
+  if (auto e = CheckGroupedMatmul(grad, kernel, group_sizes,
+                                  /*transpose_kernel=*/1, *rows_grad);
       !e.success()) {
     return e;
   }
+  if (auto e = CheckKernelGrad(rows, grad, group_sizes, *kernel_grad);
+      !e.success()) {
+    return e;
+  }
+  auto r = rows.dimensions();
+  auto g = grad.dimensions();
   cudaDataType type;
   size_t bytes;
   Segments seg;

@@ -23,6 +23,7 @@
 
 #include "tf_moe/ops/cc/dispatch_core.h"
 #include "tf_moe/ops/cc/ffi_common.h"
+#include "tf_moe/ops/cc_dropless/grouped_matmul_checks.h"
 #include "tf_moe/ops/cc_dropless/grouped_matmul_core.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -30,21 +31,6 @@ namespace tf_moe {
 namespace {
 
 using SizesBuffer = ffi::Buffer<ffi::S32>;
-
-// Checks rows [N, x] and group_sizes [E] with the E of the kernel.
-ffi::Error CheckRows(const ffi::AnyBuffer& rows, const SizesBuffer& group_sizes,
-                     int64_t num_experts) {
-  auto r = rows.dimensions();
-  auto s = group_sizes.dimensions();
-  if (r.size() != 2 || s.size() != 1 || s[0] != num_experts) {
-    return ffi::Error::InvalidArgument(
-        "tf_moe: grouped matmul needs `rows` [N, x] and `group_sizes` [E] "
-        "with the kernel's E=" + std::to_string(num_experts) +
-        ". Received: rows.shape=" + DimsToString(r) +
-        ", group_sizes.shape=" + DimsToString(s));
-  }
-  return ffi::Error::Success();
-}
 
 // A ParallelFor over the XLA FFI thread pool (JAX CPU: the client's intra-op
 // pool; where a runtime gives none, num_threads() is 0 and the tasks run on
@@ -101,22 +87,14 @@ ffi::Error GroupedMatmulHost(ffi::ThreadPool pool, ffi::AnyBuffer rows,
                              ffi::AnyBuffer kernel, SizesBuffer group_sizes,
                              int64_t transpose_kernel,
                              ffi::Result<ffi::AnyBuffer> out) {
+  if (auto e = CheckGroupedMatmul(rows, kernel, group_sizes, transpose_kernel,
+                                  *out);
+      !e.success()) {
+    return e;
+  }
   auto r = rows.dimensions();
   auto k = kernel.dimensions();
   auto o = out->dimensions();
-  if (r.size() != 2 || k.size() != 3 || o.size() != 2 || o[0] != r[0] ||
-      (transpose_kernel ? k[2] : k[1]) != r[1] ||
-      (transpose_kernel ? k[1] : k[2]) != o[1] ||
-      kernel.element_type() != rows.element_type() ||
-      out->element_type() != rows.element_type()) {
-    return ffi::Error::InvalidArgument(
-        "tf_moe: grouped matmul needs rows [N, a], kernel [E, a, b] ([E, b, "
-        "a] when transposed) and output [N, b] of one dtype. Received: "
-        "rows.shape=" + DimsToString(r) + ", kernel.shape=" + DimsToString(k) +
-        ", output.shape=" + DimsToString(o) +
-        ", transpose_kernel=" + std::to_string(transpose_kernel));
-  }
-  if (auto e = CheckRows(rows, group_sizes, k[0]); !e.success()) return e;
   if (auto e = CheckSizes(group_sizes, r[0]); !e.success()) return e;
   return DispatchFloatType(rows.element_type(), [&](auto t) {
     using T = decltype(t);
@@ -134,20 +112,13 @@ ffi::Error GroupedMatmulKernelGradHost(ffi::ThreadPool pool,
                                        ffi::AnyBuffer rows, ffi::AnyBuffer grad,
                                        SizesBuffer group_sizes,
                                        ffi::Result<ffi::AnyBuffer> kernel_grad) {
+  if (auto e = CheckKernelGrad(rows, grad, group_sizes, *kernel_grad);
+      !e.success()) {
+    return e;
+  }
   auto r = rows.dimensions();
   auto g = grad.dimensions();
   auto k = kernel_grad->dimensions();
-  if (r.size() != 2 || g.size() != 2 || g[0] != r[0] || k.size() != 3 ||
-      k[1] != r[1] || k[2] != g[1] ||
-      grad.element_type() != rows.element_type() ||
-      kernel_grad->element_type() != rows.element_type()) {
-    return ffi::Error::InvalidArgument(
-        "tf_moe: grouped matmul kernel gradient needs rows [N, a], grad "
-        "[N, b] and kernel_grad [E, a, b] of one dtype. Received: "
-        "rows.shape=" + DimsToString(r) + ", grad.shape=" + DimsToString(g) +
-        ", kernel_grad.shape=" + DimsToString(k));
-  }
-  if (auto e = CheckRows(rows, group_sizes, k[0]); !e.success()) return e;
   if (auto e = CheckSizes(group_sizes, r[0]); !e.success()) return e;
   return DispatchFloatType(rows.element_type(), [&](auto t) {
     using T = decltype(t);

@@ -31,6 +31,7 @@
 #include "tensorflow/core/platform/threadpool.h"
 #include "tf_moe/ops/cc/dispatch_core.h"
 #include "tf_moe/ops/cc/tf_op_support.h"
+#include "tf_moe/ops/cc_dropless/grouped_matmul_checks.h"
 #include "tf_moe/ops/cc_dropless/grouped_matmul_core.h"
 #include "xla/ffi/api/c_api.h"
 #include "xla/hlo/builder/xla_builder.h"
