@@ -73,7 +73,8 @@ class HierarchicalMoE(GroupedMoELayer):
         secondary_k: int in [1, b], default 2.
         expert_activation, expert_dropout, expert_use_bias: as for `MoE`.
         capacity_factor, eval_capacity_factor, min_capacity, group_size,
-        dispatch: as for `MoE`.
+        dispatch: as for `MoE`, except that a None capacity factor always
+            means C = S here (no dropless path).
         importance_loss_weight: float >= 0, default 0.1.
         load_loss_weight: float >= 0, default 0.1.
         noise_epsilon: float >= 0, default 1e-2.
@@ -156,8 +157,7 @@ class HierarchicalMoE(GroupedMoELayer):
         self.primary_noise_kernel = gate("primary_noise_kernel", (d, a))
         self.secondary_kernel = gate("secondary_kernel", (a, d, b))
         self.secondary_noise_kernel = gate("secondary_noise_kernel", (a, d, b))
-        if not self.experts.built:
-            self.experts.build((a * b, None, None, d))
+        self.experts.build((a * b, None, None, d))
 
     @property
     def loss_names(self):

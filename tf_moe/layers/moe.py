@@ -27,7 +27,7 @@ from tf_moe._validation import (
 from tf_moe.layers.experts import EXPERT_ACTIVATIONS, Experts
 from tf_moe.ops import dispatch as dispatch_lib
 from tf_moe.ops import dropless, grouped_matmul
-from tf_moe.routing import ExpertChoiceRouter, Router, TopKRouter, expert_capacity
+from tf_moe.routing import Router, TopKRouter, expert_capacity
 
 
 def bind_router(router, num_experts):
@@ -264,7 +264,8 @@ class MoE(GroupedMoELayer):
     that expert is 0, so wrap the layer in a residual connection.
 
     A capacity factor of None drops nothing. On the "custom_call" path (and
-    "auto" where it resolves to it) a token-choice router then runs dropless:
+    "auto" where it resolves to it and the grouped-matmul library is built;
+    see `runs_dropless`) a token-choice router then runs dropless:
     no [E, G, C, d] buffers, the routed choices are sorted by expert into
     N = G * S * k rows and each expert's FFN is one matmul over its segment
     (`tf_moe.ops.dropless`). On "einsum"/"gather" (and with
@@ -289,9 +290,11 @@ class MoE(GroupedMoELayer):
         min_capacity: int >= 1, default 4.
         group_size: int >= 1, tokens per routing group (S). Default 1024; a
             call with fewer (statically known) tokens routes them as one group.
-        dispatch: "auto" (default: "einsum" on TPU; elsewhere "custom_call"
-            when its library is built, else "gather"), "einsum", "gather" or
-            "custom_call". Every path computes the same function.
+        dispatch: "auto" (default: "einsum" on TPU, "gather" under a
+            `keras.distribution`; elsewhere "custom_call" when its library is
+            built, else "gather"), "einsum", "gather" or "custom_call". Every
+            path computes the same function. "custom_call" without its
+            library raises `RuntimeError` saying how to build it.
         expert_kernel_initializer: initializer for expert kernels, or None
             for per-expert fan-in truncated normal.
         **kwargs: base `Layer` arguments.
@@ -345,11 +348,11 @@ class MoE(GroupedMoELayer):
 
     def build(self, input_shape):
         super().build(input_shape)
-        # Sub-layers deserialized from a built layer's config come built.
+        # A router passed in may already be built (e.g. shared, or from an
+        # older config that kept its build_config); Experts is always new.
         if not self.router.built:
             self.router.build((None, None, self.feature_dim))
-        if not self.experts.built:
-            self.experts.build((self.num_experts, None, None, self.feature_dim))
+        self.experts.build((self.num_experts, None, None, self.feature_dim))
 
     def stat_shapes(self):
         shapes = {"expert_load": (self.num_experts,)}
@@ -374,24 +377,22 @@ class MoE(GroupedMoELayer):
 
     def runs_dropless(self, training):
         """Whether a call in this mode takes the dropless path: no capacity
-        factor, a token-choice router, and the "custom_call" dispatch path
-        (for "auto": where the grouped-matmul library is built too).
+        factor, a token-choice router (`router.token_choice`), and the
+        "custom_call" dispatch path (for "auto": where the grouped-matmul
+        library is built too).
 
         Raises:
             RuntimeError: dispatch="custom_call" with a None capacity factor
-                and the grouped-matmul library missing (says how to build it).
+                and a custom-call library missing (says how to build it).
         """
         factor = self.capacity_factor if training else self.eval_capacity_factor
-        if factor is None and not isinstance(self.router, ExpertChoiceRouter):
-            if self.dispatch == "custom_call":
-                dispatch_lib.resolve_dispatch("custom_call")
-                grouped_matmul.require_available()
-                return True
-            return (
-                dispatch_lib.resolve_dispatch(self.dispatch) == "custom_call"
-                and grouped_matmul.is_available()
-            )
-        return False
+        if factor is not None or not self.router.token_choice:
+            return False
+        path = dispatch_lib.resolve_dispatch(self.dispatch)  # raises if asked and missing
+        if self.dispatch == "custom_call":
+            grouped_matmul.require_available()
+            return True
+        return path == "custom_call" and grouped_matmul.is_available()
 
     def route_and_compute(self, groups, token_mask, training):
         group_size = groups.shape[1]

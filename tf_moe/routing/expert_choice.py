@@ -66,6 +66,7 @@ class ExpertChoiceRouter(Router):
     """
 
     choices_per_token = 1
+    token_choice = False  # the capacity C is the routing rule
 
     def __init__(self, num_experts=None, kernel_initializer=None, **kwargs):
         if kernel_initializer is None:

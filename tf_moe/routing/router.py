@@ -107,6 +107,10 @@ class Router(keras.layers.Layer):
     """
 
     choices_per_token = 1
+    # Each token picks its experts (top-k style): with no capacity limit the
+    # routing drops nothing, so a layer may run it dropless. False where the
+    # capacity is the routing rule itself (expert choice).
+    token_choice = True
 
     def __init__(
         self,
