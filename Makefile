@@ -28,8 +28,6 @@ WORKDIR ?= runs/lstm_moe_tiny
 DATA_DIR ?= $(HOME)/tensorflow_datasets
 ALLOW_NO_TESTS ?= 0
 ARGS ?=
-WORKDIR ?= runs/lstm_moe_tiny
-DATA_DIR ?= $(HOME)/tensorflow_datasets
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: venv bazel test train demo clean distclean

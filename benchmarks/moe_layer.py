@@ -58,8 +58,9 @@ PATHS = ("dense", "einsum", "gather", "custom_call", "dropless")
 
 def build_layer(path, d, h, num_experts, k, capacity_factor, group_size, dtype):
     """The layer for row `path`; a trailing "+bf16experts" rebuilds the MoE's
-    Experts sublayer with the MoE's dtype policy (a what-if: `MoE` currently
-    builds its Experts with the default float32 policy)."""
+    Experts sublayer with the MoE's dtype policy (the what-if that found the
+    Experts dtype bug; a no-op since `MoE` passes its policy to `Experts`,
+    kept to rerun the historical table in docs/benchmarks.md)."""
     what_if = path.endswith("+bf16experts")
     path = path.replace("+bf16experts", "")
     if path == "dense":

@@ -28,8 +28,10 @@ Usage (GPU; command buffers off so that every kernel carries its HLO op):
     KERAS_BACKEND=jax XLA_FLAGS=--xla_gpu_enable_command_buffer= \
         python benchmarks/moe_profile.py --out /tmp/prof
     KERAS_BACKEND=jax python benchmarks/moe_profile.py --trace_iters 0 \
-        --paths dense,custom_call+fix --what_if_path custom_call+fix \
-        --what_ifs custom_call+fix+cf1,custom_call+fix+dropless
+        --paths dense,custom_call --what_if_path custom_call \
+        --what_ifs custom_call+cf1,custom_call+dropless+cc
+(`fix` is a no-op since `Experts` and its Dropout follow the MoE's dtype
+policy; it stays to rerun the historical tables.)
 """
 
 import argparse
@@ -93,9 +95,10 @@ def build_layer(args, spec):
         )
     dropless_mod = next((m for m in mods if m.startswith("dropless")), None)
     if dropless_mod:
-        # The hook of docs/custom_calls.md ("Dropless mode"): route with
-        # C = S, then tf_moe.ops.dropless (JAX: lax.ragged_dot). "droplessN"
-        # pads segments to N rows (default 1).
+        # What `MoE.route_and_compute` does for capacity_factor=None on the
+        # custom-call path, with the grouped matmul and the tile chosen here:
+        # route with C = S, then tf_moe.ops.dropless. "droplessN" pads
+        # segments to N rows (default 1).
         tile = int(dropless_mod[len("dropless"):] or 1)
 
         def route_and_compute(groups, token_mask, training):

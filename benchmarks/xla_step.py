@@ -8,13 +8,18 @@ docs/status.md. Prints a table and writes JSON.
 
 import argparse
 import json
+import os
+import sys
 import time
 
 import keras
 import numpy as np
 
-from configs import transformer_moe_tiny_lm
-from tf_moe import layers, models, routing
+# The repository root, for `configs` (not an installed package).
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from configs import transformer_moe_tiny_lm  # noqa: E402
+from tf_moe import layers, models, routing  # noqa: E402
 
 VOCAB, LENGTH, BATCH, STEPS = 8000, 64, 32, 6
 

@@ -91,7 +91,8 @@ class Checkpointing(keras.callbacks.Callback):
 
 class ExpertLoadHeatmap(keras.callbacks.Callback):
     """Writes an image [MoE layers x experts] of expert load to TensorBoard at
-    every epoch end (white = E times the uniform share or more)."""
+    every epoch end (0.5 gray = the uniform share 1/E, white = twice it or
+    more)."""
 
     def __init__(self, log_dir):
         super().__init__()

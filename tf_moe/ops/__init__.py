@@ -1,4 +1,6 @@
-"""Token dispatch/combine implementations (pure keras.ops paths)."""
+"""Token dispatch/combine: the keras.ops paths (einsum, gather) and the
+choice among them and the custom calls (`custom_call`, `dropless`,
+`grouped_matmul` are submodules)."""
 
 from tf_moe.ops.dispatch import (
     DISPATCH_METHODS,

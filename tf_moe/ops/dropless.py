@@ -2,9 +2,10 @@
 matmuls instead of [E, G, C, d] capacity buffers.
 
 Every routed choice gets one row of a buffer [N, d] sorted by expert; each
-expert's segment is padded to a multiple of `tile` rows (the GPU grouped-matmul
-tile; 1 = no padding), so no choice is ever dropped and no expert computes on
-more than ceil(count / tile) * tile rows:
+expert's segment is padded to a multiple of `tile` rows (1 = no padding, what
+`MoE` uses; larger tiles serve tiled kernels and the "reference" grouped
+matmul), so no choice is ever dropped and no expert computes on more than
+ceil(count / tile) * tile rows:
 
     layout:   row[g, s, j] = start[e] + (number of earlier routed choices of
               expert e, in flat (g, s, j) order), e = expert_index[g, s, j];
@@ -15,8 +16,9 @@ more than ceil(count / tile) * tile rows:
 
 N is static: round_up(G * S * k + E * (tile - 1), tile) covers any routing.
 
-Layout, dispatch and combine are pure `keras.ops` (both backends, gradients
-by autodiff); the expert FFNs run on the rows through
+The layout is pure `keras.ops`. Rows move by `keras.ops` gathers, or, in
+`dropless_moe` with the custom-call grouped matmul and a static N, by the
+custom-call dispatch/combine kernels; the expert FFNs run on the rows through
 `tf_moe.ops.grouped_matmul`. See docs/custom_calls.md, "Dropless mode".
 
 Owns: the dropless layout, dispatch/combine, the FFNs on rows.

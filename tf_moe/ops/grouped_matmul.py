@@ -6,8 +6,8 @@ gives their sizes (`group_sizes <int32>[E]`, segments from row 0 in expert
 order) and the expert of each tile of `tile` rows (`tile_expert`, E past the
 last segment, whose rows give 0). Implementations:
 
-- "custom_call": the Bazel-built libraries of `tf_moe/ops/cc_dropless` (one
-  Eigen GEMM per segment on CPU), with gradients. TensorFlow (CPU):
+- "custom_call": the Bazel-built libraries of `tf_moe/ops/cc_dropless` (Eigen
+  GEMMs over each segment on CPU), with gradients. TensorFlow (CPU):
   `libtf_moe_dropless_ops.so` via `tf.load_op_library`, eager, graph and
   `jit_compile=True`, gradients via `tf.RegisterGradient`. JAX (CPU): typed FFI
   handlers of `libtf_moe_dropless_ffi.so` via `jax.ffi`, `jax.custom_vjp`.

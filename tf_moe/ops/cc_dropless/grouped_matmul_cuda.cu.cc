@@ -86,7 +86,7 @@ const Cublas* LoadCublas(std::string* error) {
     }
     if (lib == nullptr) {
       load_error = "tf_moe: the CUDA grouped matmul needs cuBLAS, and "
-                   "libcublas.so.12 could not be loaded: " +
+                   "libcublas.so.12/.13/.so could not be loaded: " +
                    std::string(dlerror());
       return nullptr;
     }
