@@ -24,6 +24,8 @@ Shape letters: B batch, K beam size, L max length, V vocabulary.
 
 from keras import ops
 
+from tf_moe._validation import check_non_negative, check_positive_int
+
 # A log-probability for "no hypothesis": far below any real one, finite so
 # that sums stay finite.
 _NEG = -1.0e9
@@ -35,12 +37,9 @@ def length_penalty(length, alpha):
 
 
 def _check(max_length, beam_size=1, alpha=0.0):
-    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
-        raise ValueError(f"`max_length` must be an integer >= 1. Received: max_length={max_length!r}")
-    if isinstance(beam_size, bool) or not isinstance(beam_size, int) or beam_size < 1:
-        raise ValueError(f"`beam_size` must be an integer >= 1. Received: beam_size={beam_size!r}")
-    if alpha < 0:
-        raise ValueError(f"`alpha` must be >= 0. Received: alpha={alpha!r}")
+    check_positive_int("max_length", max_length)
+    check_positive_int("beam_size", beam_size)
+    check_non_negative("alpha", alpha)
 
 
 def _set_column(tokens, column, values):

@@ -21,7 +21,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from tf_moe._validation import check_choice, check_positive_int
+from tf_moe._validation import check_choice, check_fraction, check_positive_int
 from tf_moe.layers import MoE
 from tf_moe.layers.experts import EXPERT_ACTIVATIONS, GATED_ACTIVATIONS, PLAIN_ACTIVATIONS
 from tf_moe.routing import TopKRouter
@@ -113,23 +113,26 @@ class FeedForward(keras.layers.Layer):
         super().__init__(**kwargs)
         check_positive_int("hidden_dim", hidden_dim)
         check_choice("activation", activation, EXPERT_ACTIVATIONS)
+        check_fraction("dropout", dropout)
         self.hidden_dim = hidden_dim
         self.activation = activation
         self.dropout = dropout
-        self.wi = keras.layers.Dense(hidden_dim, name="wi")
+        # Sub-layers follow this layer's dtype policy (e.g. mixed_bfloat16
+        # given to the layer, not globally).
+        self.wi = keras.layers.Dense(hidden_dim, name="wi", dtype=self.dtype_policy)
         self.wi_gate = (
-            keras.layers.Dense(hidden_dim, name="wi_gate")
+            keras.layers.Dense(hidden_dim, name="wi_gate", dtype=self.dtype_policy)
             if activation in GATED_ACTIVATIONS
             else None
         )
-        self.hidden_dropout = keras.layers.Dropout(dropout)
+        self.hidden_dropout = keras.layers.Dropout(dropout, dtype=self.dtype_policy)
 
     def build(self, input_shape):
         dim = input_shape[-1]
         self.wi.build(input_shape)
         if self.wi_gate is not None:
             self.wi_gate.build(input_shape)
-        self.wo = keras.layers.Dense(dim, name="wo")
+        self.wo = keras.layers.Dense(dim, name="wo", dtype=self.dtype_policy)
         self.wo.build(tuple(input_shape[:-1]) + (self.hidden_dim,))
 
     def call(self, inputs, training=None):
@@ -192,21 +195,14 @@ def check_model_config(model):
     """Raises ValueError naming the `model.*` field that is invalid."""
     for field in ("dim", "num_heads", "num_layers", "ffn_hidden_dim", "moe_every",
                   "num_experts", "expert_hidden_dim"):
-        value = model[field]
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"`model.{field}` must be an integer >= 1. Received: {value!r}")
+        check_positive_int(f"model.{field}", model[field])
     if model.dim % model.num_heads:
         raise ValueError(
             "`model.dim` must be divisible by `model.num_heads`. Received: "
             f"model.dim={model.dim}, model.num_heads={model.num_heads}"
         )
-    if model.position not in POSITION_KINDS:
-        raise ValueError(
-            f"`model.position` must be one of {POSITION_KINDS}. "
-            f"Received: {model.position!r}"
-        )
-    if not 0 <= model.dropout < 1:
-        raise ValueError(f"`model.dropout` must be in [0, 1). Received: {model.dropout!r}")
+    check_choice("model.position", model.position, POSITION_KINDS)
+    check_fraction("model.dropout", model.dropout)
 
 
 def key_padding_mask(key_tokens, pad_id):
