@@ -23,6 +23,7 @@ from keras import ops
 
 from tf_moe.layers import MoE
 from tf_moe.ops import custom_call, dropless
+from tf_moe.ops import dispatch as dispatch_lib
 from tf_moe.routing import ExpertChoiceRouter, NoisyTopKRouter, TopKRouter
 
 E, D, H = 4, 8, 16
@@ -156,9 +157,12 @@ class DroplessMoETest(parameterized.TestCase):
         moe.build(x.shape)
         self.assertFalse(moe.runs_dropless(training=True))
         self.assertTrue(moe.runs_dropless(training=False))
+        kernels = mock.Mock(wraps=custom_call.custom_call_dispatch)
+        combine = dispatch_lib.DISPATCHERS["custom_call"][1]
+        # The capacity path finds the kernel in DISPATCHERS, dropless in the module.
         with mock.patch.object(dropless, "dropless_moe", wraps=dropless.dropless_moe) as spy, \
-                mock.patch.object(custom_call, "custom_call_dispatch",
-                                  wraps=custom_call.custom_call_dispatch) as kernels:
+                mock.patch.object(custom_call, "custom_call_dispatch", kernels), \
+                mock.patch.dict(dispatch_lib.DISPATCHERS, {"custom_call": (kernels, combine)}):
             moe(x, training=True)
             self.assertEqual((spy.call_count, kernels.call_count), (0, 1))
             moe(x, training=False)

@@ -9,9 +9,9 @@ the gather path. Both compute the same function of a `Routing`:
 `einsum` builds one-hot dispatch/combine tensors [G, S, E, C] (GShard, Mesh
 TensorFlow): static shapes, TPU friendly, O(S * E * C * d) work. `gather`
 moves rows by index: O(S * k * d) work plus a scatter of slot owners.
-`custom_call` (registered here, implemented in `tf_moe.ops.custom_call`,
-imported on first use) runs the same function as XLA custom calls into the
-Bazel-built C++/CUDA library.
+`custom_call` (registered here, implemented in `tf_moe.ops.custom_call`)
+runs the same function as XLA custom calls into the Bazel-built C++/CUDA
+library.
 
 Owns: dispatch/combine math. Does not own: routing decisions (`tf_moe.routing`).
 
@@ -23,6 +23,8 @@ import functools
 
 import keras
 from keras import ops
+
+from tf_moe.ops import custom_call
 
 DISPATCH_METHODS = ("auto", "einsum", "gather", "custom_call")
 
@@ -111,7 +113,7 @@ def slot_weight(routing):
     return _to_expert_major(_scatter_to_slots(routing, routing.combine_weight), routing)
 
 
-def _take_rows(rows, index):
+def take_rows(rows, index):
     """rows [N, d], index <int32>[...] -> [..., d].
 
     On TensorFlow the gradient is an explicit segment sum: TF's own gather
@@ -141,7 +143,7 @@ def gather_dispatch(x, routing):
     d = x.shape[-1]
     # Shape: [G * S + 1, d]; the last row is zeros for empty slots.
     rows = ops.concatenate([ops.reshape(x, (-1, d)), ops.zeros((1, d), x.dtype)], 0)
-    gathered = _take_rows(rows, slot_owner(routing))  # [G * E * C, d]
+    gathered = take_rows(rows, slot_owner(routing))  # [G * E * C, d]
     gathered = ops.reshape(gathered, (-1, routing.num_experts, routing.capacity, d))
     return ops.transpose(gathered, (1, 0, 2, 3))  # [E, G, C, d]
 
@@ -152,30 +154,15 @@ def gather_combine(expert_outputs, routing):
     # Shape: [G * E * C + 1, d]; the last row serves unrouted choices.
     rows = ops.reshape(ops.transpose(expert_outputs, (1, 0, 2, 3)), (-1, d))
     rows = ops.concatenate([rows, ops.zeros((1, d), rows.dtype)], axis=0)
-    gathered = _take_rows(rows, _flat_slot(routing))  # [G, S, k, d]
+    gathered = take_rows(rows, _flat_slot(routing))  # [G, S, k, d]
     weight = ops.cast(routing.combine_weight, rows.dtype)  # [G, S, k]
     return ops.einsum("gskd,gsk->gsd", gathered, weight)
-
-
-def custom_call_dispatch(x, routing):
-    """Dispatch with the Bazel-built XLA custom call (`tf_moe.ops.custom_call`,
-    imported on first use). x: [G, S, d] -> [E, G, C, d]."""
-    from tf_moe.ops import custom_call
-
-    return custom_call.custom_call_dispatch(x, routing)
-
-
-def custom_call_combine(expert_outputs, routing):
-    """Combine with the Bazel-built XLA custom call. [E, G, C, d] -> [G, S, d]."""
-    from tf_moe.ops import custom_call
-
-    return custom_call.custom_call_combine(expert_outputs, routing)
 
 
 DISPATCHERS = {
     "einsum": (einsum_dispatch, einsum_combine),
     "gather": (gather_dispatch, gather_combine),
-    "custom_call": (custom_call_dispatch, custom_call_combine),
+    "custom_call": (custom_call.custom_call_dispatch, custom_call.custom_call_combine),
 }
 
 
@@ -206,8 +193,6 @@ def resolve_dispatch(method):
             the message says how to build it.
     """
     if method == "custom_call":
-        from tf_moe.ops import custom_call
-
         custom_call.require_available()
         return method
     if method != "auto":
@@ -217,6 +202,4 @@ def resolve_dispatch(method):
     if keras.distribution.distribution() is not None:
         # XLA cannot partition an opaque custom call: keep SPMD layouts.
         return "gather"
-    from tf_moe.ops import custom_call
-
     return "custom_call" if custom_call.is_available() else "gather"

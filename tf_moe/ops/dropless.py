@@ -34,8 +34,9 @@ from typing import NamedTuple
 import keras
 from keras import ops
 
-from tf_moe.ops.dispatch import _take_rows
-from tf_moe.ops.grouped_matmul import grouped_matmul, row_expert
+from tf_moe.ops import custom_call
+from tf_moe.ops.dispatch import take_rows
+from tf_moe.ops.grouped_matmul import grouped_matmul, resolve_implementation, row_expert
 
 
 class DroplessLayout(NamedTuple):
@@ -120,14 +121,14 @@ def dropless_dispatch(x, layout):
     """x [G, S, d] -> rows [N, d] (0 for padding rows)."""
     d = x.shape[-1]
     tokens = ops.concatenate([ops.reshape(x, (-1, d)), ops.zeros((1, d), x.dtype)], 0)
-    return _take_rows(tokens, layout.row_owner)
+    return take_rows(tokens, layout.row_owner)
 
 
 def dropless_combine(out_rows, routing, layout):
     """out_rows [N, d] -> y [G, S, d] = sum_j combine_weight * out_rows[row]."""
     d = out_rows.shape[-1]
     rows = ops.concatenate([out_rows, ops.zeros((1, d), out_rows.dtype)], 0)
-    gathered = _take_rows(rows, layout.row)  # [G, S, k, d]
+    gathered = take_rows(rows, layout.row)  # [G, S, k, d]
     weight = ops.cast(
         ops.where(routing.dispatch_mask, routing.combine_weight, 0.0), rows.dtype
     )
@@ -197,9 +198,6 @@ def dropless_moe(groups, routing, experts, tile=1, training=False, implementatio
     With the custom-call grouped matmul, rows also move through the
     custom-call dispatch/combine kernels where they run (N static): their
     adjoints are gathers, where XLA's gather gradients are scatter-adds."""
-    from tf_moe.ops import custom_call
-    from tf_moe.ops.grouped_matmul import resolve_implementation
-
     layout = dropless_layout(routing, tile)
     implementation = resolve_implementation(implementation)
     if (
