@@ -32,22 +32,9 @@ namespace {
 
 constexpr unsigned long long kNoError = ~0ull;
 
-// Device view of the routing (RoutingView holds host-side sizes too).
-struct DeviceRouting {
-  const int32_t* expert_index;
-  const int32_t* position;
-  const bool* dispatch_mask;
-  int64_t groups, group_size, k, num_experts, capacity;
-};
-
-DeviceRouting ToDevice(const RoutingView& r) {
-  return {r.expert_index, r.position, r.dispatch_mask, r.groups,
-          r.group_size,   r.k,        r.num_experts,   r.capacity};
-}
-
 // Row (in an [E, G, C] buffer) of choice i of token t, or -1 if the choice
 // is not routed or out of range (then recorded in *error).
-__device__ __forceinline__ int64_t SlotOf(const DeviceRouting& r, int64_t t,
+__device__ __forceinline__ int64_t SlotOf(const RoutingView& r, int64_t t,
                                           int64_t i,
                                           unsigned long long* error) {
   if (!r.dispatch_mask[i]) return -1;
@@ -62,28 +49,24 @@ __device__ __forceinline__ int64_t SlotOf(const DeviceRouting& r, int64_t t,
 }
 
 template <typename T>
-struct Vec;  // VEC elements of T in 16 bytes, and float conversion.
+struct Vec;  // float conversion of T.
 template <>
 struct Vec<float> {
-  static constexpr int kSize = 4;
-  __device__ static float Load(const float* p, int i) { return p[i]; }
   __device__ static float ToF(float v) { return v; }
   __device__ static float FromF(float v) { return v; }
 };
 template <>
 struct Vec<__nv_bfloat16> {
-  static constexpr int kSize = 8;
   __device__ static float ToF(__nv_bfloat16 v) { return __bfloat162float(v); }
   __device__ static __nv_bfloat16 FromF(float v) { return __float2bfloat16(v); }
 };
 template <>
 struct Vec<__half> {
-  static constexpr int kSize = 8;
   __device__ static float ToF(__half v) { return __half2float(v); }
   __device__ static __half FromF(float v) { return __float2half(v); }
 };
 
-// A chunk of N elements of T, loaded/stored as one (16-byte when N = VEC).
+// A chunk of N elements of T, loaded/stored as one (16 bytes when N * sizeof(T) = 16).
 template <typename T, int N>
 struct alignas(sizeof(T) * N) Chunk {
   T v[N];
@@ -93,7 +76,7 @@ struct alignas(sizeof(T) * N) Chunk {
 // Dispatch: a plain copy of token rows (dtype-agnostic: W-byte words).
 
 template <typename W>
-__global__ void DispatchKernel(const W* __restrict__ x, DeviceRouting r,
+__global__ void DispatchKernel(const W* __restrict__ x, RoutingView r,
                                int64_t row_words, W* __restrict__ out,
                                unsigned long long* error) {
   const int64_t t = blockIdx.x;
@@ -122,7 +105,7 @@ __global__ void DispatchKernel(const W* __restrict__ x, DeviceRouting r,
 // Combine: out[t] = sum_j w_j * y[slot_j], float accumulation.
 
 template <typename T, int N>
-__global__ void CombineKernel(const T* __restrict__ y, DeviceRouting r,
+__global__ void CombineKernel(const T* __restrict__ y, RoutingView r,
                               const float* __restrict__ weight, int64_t d,
                               T* __restrict__ out,
                               unsigned long long* error) {
@@ -167,7 +150,7 @@ __device__ __forceinline__ float BlockSum(float v, float* shared) {
 
 template <typename T, int N>
 __global__ void CombineGradKernel(const T* __restrict__ dout,
-                                  const T* __restrict__ y, DeviceRouting r,
+                                  const T* __restrict__ y, RoutingView r,
                                   const float* __restrict__ weight, int64_t d,
                                   T* __restrict__ dy, float* __restrict__ dw,
                                   unsigned long long* error) {
@@ -306,7 +289,7 @@ ffi::Error DispatchCuda(cudaStream_t stream, ffi::ScratchAllocator scratch,
       using W = decltype(word);
       const int64_t words = row_bytes / sizeof(W);
       DispatchKernel<W><<<tokens, ThreadsFor(words), 0, stream>>>(
-          static_cast<const W*>(x.untyped_data()), ToDevice(r), words,
+          static_cast<const W*>(x.untyped_data()), r, words,
           static_cast<W*>(out->untyped_data()), *flag);
     };
     if (row_bytes % 16 == 0) {
@@ -344,7 +327,7 @@ ffi::Error CombineCuda(cudaStream_t stream, ffi::ScratchAllocator scratch,
           constexpr int N = decltype(n)::value;
           CombineKernel<T, N><<<tokens, ThreadsFor(d / N), 0, stream>>>(
               static_cast<const T*>(expert_outputs.untyped_data()),
-              ToDevice(r), combine_weight.typed_data(), d,
+              r, combine_weight.typed_data(), d,
               static_cast<T*>(out->untyped_data()), *flag);
           return CudaError("combine launch");
         });
@@ -386,7 +369,7 @@ ffi::Error CombineGradCuda(cudaStream_t stream, ffi::ScratchAllocator scratch,
           CombineGradKernel<T, N><<<tokens, ThreadsFor(d / N), 0, stream>>>(
               static_cast<const T*>(grad_output.untyped_data()),
               static_cast<const T*>(expert_outputs.untyped_data()),
-              ToDevice(r), combine_weight.typed_data(), d,
+              r, combine_weight.typed_data(), d,
               static_cast<T*>(grad_expert_outputs->untyped_data()),
               grad_combine_weight->typed_data(), *flag);
           return CudaError("combine_grad launch");
