@@ -34,8 +34,11 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 venv: $(STAMP)
 
+# Debian/Ubuntu ship venv's ensurepip separately (python3-venv).
 $(VENV)/bin/python:
-	$(PYTHON3) -m venv $(VENV)
+	$(PYTHON3) -m venv $(VENV) || { rm -rf $(VENV) && \
+	  echo "python3 -m venv failed; installing Debian python3-venv" && \
+	  $(SUDO) apt-get install -y python3-venv && $(PYTHON3) -m venv $(VENV); }
 	$(VENV)/bin/python -m pip install --upgrade pip setuptools wheel
 
 # Re-installs only when setup.py changes (or the stamp is removed).
