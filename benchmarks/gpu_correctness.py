@@ -40,6 +40,7 @@ from tf_moe.ops import custom_call  # noqa: E402
 from tf_moe.ops import dispatch as dispatch_lib  # noqa: E402
 from tf_moe.ops import dropless  # noqa: E402
 from tf_moe.ops import grouped_matmul as grouped_matmul_lib  # noqa: E402
+from tf_moe.ops.plan import resolve_plan  # noqa: E402
 from tf_moe.routing import TopKRouter  # noqa: E402
 
 # Relative-norm tolerance per dtype (einsum rounds combine weights to the
@@ -267,7 +268,7 @@ def main():
     args = parser.parse_args()
     print(f"jax {jax.__version__}, keras {keras.__version__}, devices {jax.devices()}")
     print(f"custom_call available: {custom_call.is_available()}; "
-          f"auto -> {dispatch_lib.resolve_dispatch('auto')}")
+          f"auto -> {resolve_plan('auto').path}")
     rows = []
     for dtype in ("float32", "bfloat16", "float16"):
         for seed, name in enumerate(CASES):

@@ -23,7 +23,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from moe_layer import time_step  # noqa: E402  (benchmarks/ is sys.path[0])
+from timing import time_step  # noqa: E402  (benchmarks/ is sys.path[0])
 from tf_moe.ops import dropless
 from tf_moe.ops import grouped_matmul as grouped_matmul_lib
 

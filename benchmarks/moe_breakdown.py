@@ -25,7 +25,7 @@ import numpy as np  # noqa: E402
 
 import tf_moe  # noqa: E402
 from tf_moe.ops import dispatch as dispatch_lib  # noqa: E402
-from moe_layer import time_step  # noqa: E402  (benchmarks/ is sys.path[0])
+from timing import time_step  # noqa: E402  (benchmarks/ is sys.path[0])
 
 
 def timed(fn, *args, warmup=3, iters=20):

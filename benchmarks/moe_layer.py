@@ -27,16 +27,15 @@ import datetime
 import json
 import os
 import platform
-import statistics
 import sys
-import time
 
 import keras
 import numpy as np
 
 import tf_moe
+from timing import time_step
 from tf_moe.ops import custom_call
-from tf_moe.ops import dispatch as dispatch_lib
+from tf_moe.ops.plan import resolve_plan
 
 BACKEND = keras.backend.backend()
 
@@ -129,17 +128,6 @@ def tf_step(layer, x, cotangent):
             g.numpy() if g is not None else None  # noqa: B018 - synchronize
 
     return run
-
-
-def time_step(run, warmup, iters):
-    for _ in range(warmup):
-        run()
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), min(times)
 
 
 def bench(size, paths, warmup, iters):
@@ -259,7 +247,7 @@ def main():
         "backend": BACKEND,
         "device": device_name(),
         "keras": keras.__version__,
-        "auto": dispatch_lib.resolve_dispatch("auto"),
+        "auto": resolve_plan("auto").path,
         "compile": "tf.function(jit_compile=True)" if BACKEND == "tensorflow" else "jax.jit",
         "warmup": args.warmup,
         "iters": args.iters,

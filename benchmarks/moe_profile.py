@@ -55,7 +55,7 @@ import numpy as np  # noqa: E402
 import tf_moe  # noqa: E402
 from tf_moe import metrics as metrics_lib  # noqa: E402
 from tf_moe.ops import dropless as dropless_lib  # noqa: E402
-from moe_layer import time_step  # noqa: E402  (benchmarks/ is sys.path[0])
+from timing import time_step  # noqa: E402  (benchmarks/ is sys.path[0])
 from tf_moe.routing import capacity as capacity_lib  # noqa: E402
 
 WHAT_IFS = tuple(
@@ -101,14 +101,15 @@ def build_layer(args, spec):
         # segments to N rows (default 1).
         tile = int(dropless_mod[len("dropless"):] or 1)
 
+        implementation = "custom_call" if "cc" in mods else "ragged_dot" if "rd" in mods else "auto"
+
         def route_and_compute(groups, token_mask, training):
             routing = layer.router.route(groups, groups.shape[1], token_mask, training)
-            outputs = dropless_lib.dropless_moe(
-                groups, routing, layer.experts, tile, training,
-                implementation=(
-                    "custom_call" if "cc" in mods else "ragged_dot" if "rd" in mods else "auto"
-                ),
-            )
+            layout = dropless_lib.dropless_layout(routing, tile)
+            kernels = implementation == "custom_call" and tile == 1
+            rows = dropless_lib.dispatch_rows(groups, routing, layout, kernels)
+            out_rows = layer.experts.on_rows(rows, layout, training, implementation)
+            outputs = dropless_lib.combine_rows(out_rows, routing, layout, kernels)
             return outputs, metrics_lib.routing_stats(routing)
 
         layer.route_and_compute = route_and_compute

@@ -25,6 +25,7 @@ C capacity, k choices per token.
 
 import os
 import tempfile
+from unittest import mock
 
 import keras
 import numpy as np
@@ -33,9 +34,10 @@ from absl.testing import parameterized
 from keras import ops
 
 import tf_moe
-from tf_moe.ops import custom_call
+from tf_moe.ops import custom_call, library
 from tf_moe.ops import dispatch as dispatch_lib
-from tf_moe.routing import Routing, TopKRouter
+from tf_moe.ops.plan import resolve_plan
+from tf_moe.routing import ExpertChoiceRouter, Routing, TopKRouter
 
 BACKEND = keras.backend.backend()
 DTYPES = ("float32", "bfloat16", "float16")
@@ -203,7 +205,7 @@ def path_functions(path, num_experts, capacity):
 def raw_combine_grad(grad, y, idx, pos, mask, weight, num_experts, capacity):
     """The combine adjoint op itself (not through a forward combine)."""
     if BACKEND == "tensorflow":
-        return custom_call._tf_ops().tf_moe_combine_grad(
+        return custom_call.LIBRARY.tf_ops().tf_moe_combine_grad(
             grad, y, idx, pos, mask, weight, num_experts=num_experts, capacity=capacity
         )[0]
     import jax
@@ -255,26 +257,23 @@ class CustomCallTest(parameterized.TestCase):
 
     def test_library_is_built_and_chosen(self):
         self.assertTrue(custom_call.is_available())
-        self.assertEqual(dispatch_lib.resolve_dispatch("custom_call"), "custom_call")
-        self.assertEqual(dispatch_lib.resolve_dispatch("auto"), "custom_call")
+        self.assertEqual(resolve_plan("custom_call").path, "custom_call")
+        self.assertEqual(resolve_plan("auto").path, "custom_call")
 
     def test_missing_library_error_says_how_to_build(self):
         with self.assertRaisesRegex(RuntimeError, "bazel build //tf_moe/ops/cc"):
-            custom_call._require_library("libtf_moe_does_not_exist.so")
+            custom_call.LIBRARY.require("libtf_moe_does_not_exist.so")
 
     def test_library_dir_env_var_is_searched_first(self):
         with tempfile.TemporaryDirectory() as tmp:
             fake = os.path.join(tmp, custom_call.FFI_LIBRARY)
             open(fake, "w").close()
-            old = os.environ.get(custom_call.LIBRARY_DIR_ENV)
-            os.environ[custom_call.LIBRARY_DIR_ENV] = tmp
-            try:
-                self.assertEqual(custom_call.find_library(custom_call.FFI_LIBRARY), fake)
-            finally:
-                if old is None:
-                    del os.environ[custom_call.LIBRARY_DIR_ENV]
-                else:
-                    os.environ[custom_call.LIBRARY_DIR_ENV] = old
+            with mock.patch.dict(os.environ, {custom_call.LIBRARY_DIR_ENV: tmp}):
+                self.assertEqual(custom_call.LIBRARY.dirs()[0], tmp)
+                self.assertEqual(
+                    library.find_library(custom_call.FFI_LIBRARY, custom_call.LIBRARY.dirs()),
+                    fake,
+                )
 
     @parameterized.named_parameters(("eager", "eager"), ("jit", "jit"))
     def test_matches_numpy_formulas(self, mode):
@@ -389,9 +388,10 @@ class CustomCallTest(parameterized.TestCase):
                          "InvalidArgumentError|JaxRuntimeError|XlaRuntimeError")
 
     @parameterized.named_parameters(
-        ("float32", "float32"), ("bfloat16", "mixed_bfloat16"), ("float16", "mixed_float16")
+        ("float32", "float32"), ("bfloat16", "mixed_bfloat16"), ("float16", "mixed_float16"),
+        ("expert_choice", "float32", True),
     )
-    def test_model_fit_matches_einsum(self, policy):
+    def test_model_fit_matches_einsum(self, policy, expert_choice=False):
         data_x = np.random.default_rng(6).normal(size=(32, 8, 16)).astype(np.float32)
         data_y = np.random.default_rng(7).normal(size=(32, 8, 16)).astype(np.float32)
         histories, weights = {}, {}
@@ -399,7 +399,9 @@ class CustomCallTest(parameterized.TestCase):
             keras.utils.set_random_seed(8)
             moe = tf_moe.layers.MoE(
                 num_experts=4, expert_hidden_dim=32, group_size=32, dispatch=path,
-                router=TopKRouter(k=2, kernel_initializer="glorot_uniform"),
+                router=(ExpertChoiceRouter(kernel_initializer="glorot_uniform")
+                        if expert_choice
+                        else TopKRouter(k=2, kernel_initializer="glorot_uniform")),
                 capacity_factor=1.0, dtype=policy,
             )
             model = keras.Sequential([keras.Input((8, 16)), moe])
@@ -408,7 +410,7 @@ class CustomCallTest(parameterized.TestCase):
                                 shuffle=False)
             histories[path] = np.array(history.history["loss"])
             weights[path] = [to_numpy(w) for w in model.weights]
-            self.assertEqual(dispatch_lib.resolve_dispatch(moe.dispatch), path)
+            self.assertEqual(moe.plan(training=True).path, path)
         dtype = {"float32": "float32", "mixed_bfloat16": "bfloat16",
                  "mixed_float16": "float16"}[policy]
         self.assertLess(histories["custom_call"][1], histories["custom_call"][0])

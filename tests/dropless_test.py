@@ -319,7 +319,7 @@ def raw_custom_call(transpose_kernel=False):
             lambda r, k, s: grouped_matmul_lib._jax_ffi_grouped_matmul(r, k, s, transpose_kernel),
             grouped_matmul_lib._jax_ffi_kernel_grad,
         )
-    lib = grouped_matmul_lib._tf_grouped_matmul()
+    lib = grouped_matmul_lib.LIBRARY.tf_ops()
     return (
         lambda r, k, s: lib.tf_moe_grouped_matmul(r, k, s, transpose_kernel=transpose_kernel),
         lib.tf_moe_grouped_matmul_kernel_grad,
@@ -424,11 +424,11 @@ class CustomCallTest(parameterized.TestCase):
 
     def test_missing_library_says_how_to_build(self):
         with tempfile.TemporaryDirectory() as empty:
-            with mock.patch.object(grouped_matmul_lib, "dropless_library_dirs", return_value=[empty]):
+            with mock.patch.object(grouped_matmul_lib.LIBRARY, "dirs", return_value=[empty]):
                 with self.assertRaisesRegex(
                     CustomCallUnavailableError, r"bazel build //tf_moe/ops/cc_dropless:all"
                 ):
-                    grouped_matmul_lib._require_library(grouped_matmul_lib.DROPLESS_TF_LIBRARY)
+                    grouped_matmul_lib.LIBRARY.require(grouped_matmul_lib.DROPLESS_TF_LIBRARY)
 
     def test_with_dispatch_custom_calls_in_one_program(self):
         """Both C++ libraries (dispatch/combine of tf_moe/ops/cc and the
@@ -507,6 +507,15 @@ def numpy_moe(moe, groups, routing):
     return y
 
 
+def dropless_moe(groups, routing, experts, tile, implementation="auto"):
+    """The dropless path with `tile`-row segments: layout, rows, the experts'
+    FFNs on rows, combine (the pieces `DispatchPlan.run` puts together)."""
+    layout = dropless.dropless_layout(routing, tile)
+    rows = dropless.dispatch_rows(groups, routing, layout)
+    out_rows = experts.on_rows(rows, layout, implementation=implementation)
+    return dropless.combine_rows(out_rows, routing, layout)
+
+
 class DroplessMoETest(parameterized.TestCase):
     @parameterized.named_parameters(
         ("relu_tile1", "relu", True, 1),
@@ -518,7 +527,7 @@ class DroplessMoETest(parameterized.TestCase):
         rng = np.random.default_rng(5)
         groups = rng.normal(size=(2, 8, 6)).astype(np.float32)
         routing = moe.router.route(groups, capacity=8)
-        y = dropless.dropless_moe(groups, routing, moe.experts, tile=tile)
+        y = dropless_moe(groups, routing, moe.experts, tile=tile)
         np.testing.assert_allclose(to_numpy(y), numpy_moe(moe, groups, routing), rtol=1e-4, atol=1e-5)
 
     @parameterized.product(jit=(False, True), implementation=IMPLEMENTATIONS)
@@ -531,7 +540,7 @@ class DroplessMoETest(parameterized.TestCase):
         routing = moe.router.route(groups, capacity=8)
 
         def dropless_path(x):
-            return dropless.dropless_moe(x, routing, moe.experts, tile=4, implementation=implementation)
+            return dropless_moe(x, routing, moe.experts, tile=4, implementation=implementation)
 
         if keras.backend.backend() != "jax" and jax_only(implementation):
             with self.assertRaisesRegex(ValueError, "JAX"):

@@ -48,6 +48,25 @@ def make_router(num_experts, d, seed=0, scale=2.0, **kwargs):
     return router, kernel
 
 
+def token_view(probs, capacity, mask):
+    """(position, chosen, weights) [G, S, E]: the token-major view of the
+    slot-major routing, after checking that both views agree."""
+    routing = expert_choice_routing(probs, capacity, mask)
+    slot_token, slot_weight = to_numpy(routing.slot_token), to_numpy(routing.slot_weight)
+    position, chosen = to_numpy(routing.position), to_numpy(routing.dispatch_mask)
+    weights = to_numpy(routing.combine_weight)
+    group_size = probs.shape[1]
+    from_slots = np.zeros(chosen.shape, bool)
+    for g, e, c in zip(*np.nonzero(slot_token < group_size)):
+        s = slot_token[g, e, c]
+        from_slots[g, s, e] = True
+        assert position[g, s, e] == c, (g, e, c)
+        np.testing.assert_allclose(weights[g, s, e], slot_weight[g, e, c], rtol=1e-6)
+    np.testing.assert_array_equal(from_slots, chosen)
+    np.testing.assert_array_equal(slot_weight[slot_token == group_size], 0.0)
+    return position, chosen, weights
+
+
 class ExpertChoiceRoutingTest(parameterized.TestCase):
     @parameterized.named_parameters(
         ("g2_s8_e4_c2", 2, 8, 4, 2),
@@ -61,7 +80,7 @@ class ExpertChoiceRoutingTest(parameterized.TestCase):
         probs = np_softmax(rng.normal(scale=2.0, size=(groups, group_size, num_experts)))
         probs = probs.astype(np.float32)
         mask = np.ones((groups, group_size), bool)
-        position, chosen, weights = expert_choice_routing(probs, capacity, mask)
+        position, chosen, weights = token_view(probs, capacity, mask)
         ref_rank, ref_chosen, ref_weights = np_expert_choice(probs, capacity, mask)
         np.testing.assert_array_equal(to_numpy(chosen), ref_chosen)
         np.testing.assert_array_equal(to_numpy(position)[ref_chosen], ref_rank[ref_chosen])
@@ -84,7 +103,7 @@ class ExpertChoiceRoutingTest(parameterized.TestCase):
         # Padding gets the highest probability for every expert: it would be
         # chosen first if the mask were ignored.
         probs[~mask] = 0.99
-        position, chosen, weights = expert_choice_routing(probs, capacity, mask)
+        position, chosen, weights = token_view(probs, capacity, mask)
         chosen = to_numpy(chosen)
         self.assertFalse(chosen[~mask].any())
         np.testing.assert_array_equal(to_numpy(weights)[~mask], 0.0)
@@ -107,7 +126,7 @@ class ExpertChoiceRoutingTest(parameterized.TestCase):
         )
         mask = np.ones((1, 4), bool)
         # C = 2: every expert takes its favourite and t0, so t0 gets all E.
-        _, chosen, weights = expert_choice_routing(probs, 2, mask)
+        _, chosen, weights = token_view(probs, 2, mask)
         expected = np.array(
             [[True, True, True], [False, False, True], [True, False, False],
              [False, True, False]]
@@ -117,7 +136,7 @@ class ExpertChoiceRoutingTest(parameterized.TestCase):
             to_numpy(weights)[0], np.where(expected, probs[0], 0.0), rtol=RTOL
         )
         # C = 1: only the favourites; t0 gets no expert.
-        _, chosen, _ = expert_choice_routing(probs, 1, mask)
+        _, chosen, _ = token_view(probs, 1, mask)
         np.testing.assert_array_equal(to_numpy(chosen)[0].sum(axis=1), [0, 1, 1, 1])
 
     def test_experts_per_token_vary(self):
@@ -126,7 +145,7 @@ class ExpertChoiceRoutingTest(parameterized.TestCase):
         probs = np_softmax(rng.normal(scale=2.0, size=(groups, group_size, num_experts)))
         probs = probs.astype(np.float32)
         mask = np.ones((groups, group_size), bool)
-        _, chosen, _ = expert_choice_routing(probs, capacity, mask)
+        _, chosen, _ = token_view(probs, capacity, mask)
         counts = to_numpy(chosen).sum(axis=-1)  # [G, S]
         # On average C * E / S = 2 experts per token, but not for every token.
         np.testing.assert_allclose(counts.mean(), capacity * num_experts / group_size)

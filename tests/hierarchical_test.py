@@ -35,8 +35,8 @@ def _reference(layer, x, k1, k2):
 
     Returns outputs [T, d] and the unweighted losses by name.
     """
-    w1 = ops.convert_to_numpy(layer.primary_kernel)
-    w2 = ops.convert_to_numpy(layer.secondary_kernel)
+    w1 = ops.convert_to_numpy(layer.primary_router.kernel)  # [a, ...] = [d, A]
+    w2 = ops.convert_to_numpy(layer.secondary_router.kernel)  # [A, d, B]
     wi, wo = (ops.convert_to_numpy(v) for v in (layer.experts.wi, layer.experts.wo))
     bi, bo = (ops.convert_to_numpy(v) for v in (layer.experts.bi, layer.experts.bo))
     y = np.zeros_like(x)
@@ -69,6 +69,8 @@ def _reference(layer, x, k1, k2):
         "hierarchical_importance_loss": _cv2(importance_h),
         "hierarchical_load_loss": _cv2(load_h),
     }
+    # Share of the routed choices of each of the a * b experts.
+    losses["expert_load"] = selected_h.ravel() / selected_h.sum()
     return y, losses
 
 
@@ -91,6 +93,9 @@ class HierarchicalMoETest(parameterized.TestCase):
         stats = layer.last_routing_stats
         self.assertEqual(float(stats["dropped_fraction"]), 0.0)
         self.assertEqual(float(stats["secondary_dropped_fraction"]), 0.0)
+        np.testing.assert_allclose(
+            stats["expert_load"], expected_losses["expert_load"], rtol=1e-6, atol=1e-7
+        )
         # Group padding (40 tokens in groups of 16) must not count in the losses:
         # only exact when one group holds every token, so route them as one.
         layer.group_size = 40
@@ -131,7 +136,7 @@ class HierarchicalMoETest(parameterized.TestCase):
         layer.build(x.shape)
         _set_random_weights(layer, rng)
         grads = _loss_gradients(layer, x)
-        for name in ["primary_noise_kernel", "secondary_noise_kernel"]:
+        for name in ["primary_router/noise_kernel", "secondary_router/noise_kernel"]:
             self.assertGreater(np.abs(grads[name]).max(), 0.0, msg=name)
 
     def test_zero_initialized_gates_and_config_round_trip(self):
@@ -144,8 +149,10 @@ class HierarchicalMoETest(parameterized.TestCase):
         )
         x = np.random.default_rng(3).normal(size=(4, 6, D)).astype("float32")
         layer(x)
-        for name in ["primary_kernel", "primary_noise_kernel", "secondary_kernel"]:
-            self.assertEqual(np.abs(ops.convert_to_numpy(getattr(layer, name))).max(), 0)
+        routers = (layer.primary_router, layer.secondary_router)
+        for weight in [w for router in routers for w in router.weights]:
+            self.assertEqual(np.abs(ops.convert_to_numpy(weight)).max(), 0, weight.path)
+        self.assertEqual(tuple(layer.secondary_router.kernel.shape), (2, D, 3))
         config = layer.get_config()
         clone = tf_moe.layers.HierarchicalMoE.from_config(config)
         self.assertEqual(clone.get_config(), config)
@@ -168,8 +175,9 @@ class HierarchicalMoETest(parameterized.TestCase):
     @parameterized.parameters(
         dict(kwargs=dict(num_groups=0), name="num_groups"),
         dict(kwargs=dict(experts_per_group=0), name="experts_per_group"),
-        dict(kwargs=dict(primary_k=4), name="k"),
-        dict(kwargs=dict(secondary_k=0), name="k"),
+        dict(kwargs=dict(primary_k=4), name="primary_k"),
+        dict(kwargs=dict(secondary_k=0), name="secondary_k"),
+        dict(kwargs=dict(secondary_k=3), name="secondary_k"),
         dict(kwargs=dict(capacity_factor=0), name="capacity_factor"),
         dict(kwargs=dict(dispatch="scatter"), name="dispatch"),
         dict(kwargs=dict(expert_activation="tanh"), name="expert_activation"),
@@ -186,7 +194,7 @@ class HierarchicalMoETest(parameterized.TestCase):
 def _loss_gradients(layer, x):
     """Gradients of the layer's aux losses (training mode) by variable name."""
     trainable = layer.trainable_variables
-    names = [v.path.split("/")[-1] for v in trainable]
+    names = ["/".join(v.path.split("/")[-2:]) for v in trainable]
     if keras.backend.backend() == "jax":
         import jax
 

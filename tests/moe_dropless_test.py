@@ -160,7 +160,7 @@ class DroplessMoETest(parameterized.TestCase):
         kernels = mock.Mock(wraps=custom_call.custom_call_dispatch)
         combine = dispatch_lib.DISPATCHERS["custom_call"][1]
         # The capacity path finds the kernel in DISPATCHERS, dropless in the module.
-        with mock.patch.object(dropless, "dropless_moe", wraps=dropless.dropless_moe) as spy, \
+        with mock.patch.object(dropless, "dispatch_rows", wraps=dropless.dispatch_rows) as spy, \
                 mock.patch.object(custom_call, "custom_call_dispatch", kernels), \
                 mock.patch.dict(dispatch_lib.DISPATCHERS, {"custom_call": (kernels, combine)}):
             moe(x, training=True)

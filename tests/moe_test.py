@@ -603,7 +603,8 @@ class MoESerializationTest(parameterized.TestCase):
         defaults = {}
         for cls in reversed(classes):  # subclass defaults win
             for name, p in inspect.signature(cls.__init__).parameters.items():
-                if name not in ("self", "kwargs"):
+                # num_gates: a bank of gates, which an MoE refuses.
+                if name not in ("self", "kwargs", "num_gates"):
                     defaults[name] = p.default
         return defaults
 
@@ -654,7 +655,12 @@ class MoESerializationTest(parameterized.TestCase):
         restored = MoE.from_config(config)
         self.assertEqual(restored.get_config(), config)
         self.assertIsInstance(restored.router, type(router))
-        self.assertEqual(restored.router.get_config(), router.get_config())
+        # The layer's router is a copy of the one passed in, bound and named
+        # "router" (stable weight paths).
+        self.assertEqual(layer.router.name, "router")
+        self.assertEqual(restored.router.get_config(), layer.router.get_config())
+        expected = {**router.get_config(), "name": "router", "num_experts": E}
+        self.assertEqual(restored.router.get_config(), expected)
         self.assertEqual(restored.experts.get_config(), layer.experts.get_config())
         for attribute in ("capacity_factor", "eval_capacity_factor", "min_capacity",
                           "group_size", "dispatch", "expert_activation",
@@ -960,6 +966,8 @@ class MoEValidationTest(parameterized.TestCase):
         ("router_not_a_router",
          lambda: MoE(E, H, router=keras.layers.Dense(E)), "router"),
         ("router_string", lambda: MoE(E, H, router="top_2"), "router"),
+        ("router_bank", lambda: MoE(E, H, router=TopKRouter(num_gates=2)), "num_gates"),
+        ("num_gates_0", lambda: TopKRouter(num_gates=0), "num_gates"),
         ("expert_dropout_1_5",
          lambda: MoE(E, H, expert_dropout=1.5), "expert_dropout"),
         ("balance_loss_weight",

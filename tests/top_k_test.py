@@ -393,16 +393,22 @@ class TopKRouterTest(parameterized.TestCase):
         mask = rng.random((2, 16)) < 0.8
         keep_second = rng.random((2, 16)) < 0.5
         probs = np_softmax(logits).astype(np.float32)
-        expert_index, weights, position, requested, kept = top_k_routing(
+        routing = top_k_routing(
             probs, 2, 4, mask, keep_second=keep_second, batch_prioritized=True
         )
+        expert_index, position = routing.expert_index, routing.position
+        requested, kept = routing.requested_mask, routing.dispatch_mask
+        # Dropped choices keep their gate value only until capacity applies.
+        weights = np.where(to_numpy(kept), to_numpy(routing.combine_weight), 0.0)
         # softmax(log p) = p: the reference routes the same probabilities.
         ref = np_top_k_route(
             np.log(probs.astype(np.float64)), 2, 4, mask,
             keep_second=keep_second, batch_prioritized=True,
         )
         np.testing.assert_array_equal(to_numpy(expert_index), ref["expert_index"])
-        np.testing.assert_allclose(to_numpy(weights), ref["weights"], rtol=1e-5, atol=ATOL)
+        np.testing.assert_allclose(
+            weights, np.where(ref["kept"], ref["weights"], 0.0), rtol=1e-5, atol=ATOL
+        )
         np.testing.assert_array_equal(to_numpy(requested), ref["requested"])
         np.testing.assert_array_equal(to_numpy(kept), ref["kept"])
         np.testing.assert_array_equal(

@@ -21,13 +21,14 @@ def check_choice(name, value, allowed):
         )
 
 
-def check_k(k, num_experts):
-    """Validates the number of choices per token against the expert count."""
-    check_positive_int("k", k)
+def check_k(k, num_experts, k_name="k", experts_name="num_experts"):
+    """Validates the number of choices per token against the expert count
+    (under the caller's argument names)."""
+    check_positive_int(k_name, k)
     if num_experts is not None and k > num_experts:
         raise ValueError(
-            "`k` must be at most `num_experts`. "
-            f"Received: k={k}, num_experts={num_experts}"
+            f"`{k_name}` must be at most `{experts_name}`. "
+            f"Received: {k_name}={k}, {experts_name}={num_experts}"
         )
 
 

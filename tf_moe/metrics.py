@@ -31,10 +31,15 @@ def routing_stats(routing):
     kept = ops.cast(routing.dispatch_mask, "float32")  # [G, S, k]
     requested = ops.cast(routing.requested_mask, "float32")  # [G, S, k]
     tokens = ops.cast(routing.token_mask, "float32")  # [G, S]
-    # Shape: [E]
-    per_expert = ops.einsum(
-        "gske,gsk->e", ops.one_hot(routing.expert_index, routing.num_experts), kept
-    )
+    if routing.slot_major:
+        group_size = routing.token_mask.shape[-1]
+        filled = ops.cast(routing.slot_token < group_size, "float32")  # [G, E, C]
+        per_expert = ops.sum(filled, axis=(0, 2))  # [E]
+    else:
+        # Shape: [E]
+        per_expert = ops.einsum(
+            "gske,gsk->e", ops.one_hot(routing.expert_index, routing.num_experts), kept
+        )
     num_kept = ops.sum(kept)
     num_tokens = ops.maximum(ops.sum(tokens), 1.0)
     probs = routing.router_probs  # [G, S, E]

@@ -1,16 +1,26 @@
-"""Batched feed-forward experts: E FFNs applied to their dispatched buffers.
+"""Feed-forward experts: E FFNs, and the one place their math is written.
 
 Weights: wi [E, d, h] (plus wi_gate [E, d, h] for gated activations), wo
-[E, h, d], optional biases. Gated variants follow ST-MoE/T5.1.1:
-act(x wi_gate) * (x wi).
+[E, h, d], optional biases bi [E, 1, 1, h], bo [E, 1, 1, d]. Gated variants
+follow ST-MoE/T5.1.1: act(x wi_gate) * (x wi).
 
-Shape letters: E experts, G groups, C capacity, d model dim, h hidden dim.
+The same FFN runs on two layouts of the routed tokens: capacity buffers
+[E, G, C, d] (batched einsums; `Experts.call`) and expert-sorted rows [N, d]
+with segment sizes (grouped matmuls; `Experts.on_rows`, the dropless path).
+`activate` is shared with the Transformer's dense FFN.
+
+Owns: expert weights, the FFN math, activations. Does not own: moving tokens
+(`tf_moe.ops`), routing.
+
+Shape letters: E experts, G groups, C capacity, d model dim, h hidden dim,
+N expert-sorted rows.
 """
 
 import keras
 from keras import ops
 
 from tf_moe._validation import check_choice, check_fraction, check_positive_int
+from tf_moe.ops.grouped_matmul import grouped_matmul, row_expert
 
 PLAIN_ACTIVATIONS = {
     "relu": ops.relu,
@@ -23,6 +33,32 @@ GATED_ACTIVATIONS = {
     "swiglu": ops.silu,
 }
 EXPERT_ACTIVATIONS = tuple(PLAIN_ACTIVATIONS) + tuple(GATED_ACTIVATIONS)
+
+
+def activate(activation, hidden, gate=None):
+    """An FFN's hidden activation: act(hidden), or act(gate) * hidden for the
+    gated activations ("reglu", "geglu", "swiglu"; `gate` = x W_gate)."""
+    if activation in GATED_ACTIVATIONS:
+        return GATED_ACTIVATIONS[activation](gate) * hidden
+    return PLAIN_ACTIVATIONS[activation](hidden)
+
+
+def _buffer_matmul(x, kernel):
+    """[E, G, C, a] @ [E, a, b] -> [E, G, C, b]."""
+    return ops.einsum("egca,eab->egcb", x, kernel)
+
+
+def _row_bias(bias, layout):
+    """bias [E, 1, 1, b] -> [N, b], each row's expert bias (0 past the last
+    segment).
+
+    A one-hot matmul [N, E] @ [E, b] rather than a gather: its gradient is a
+    matmul too (a gather's is a scatter-add of N rows into E, slow under
+    contention on GPUs, and TF XLA aborts on the gradient of a gather from a
+    concatenation)."""
+    num_experts, b = bias.shape[0], bias.shape[-1]
+    onehot = ops.one_hot(row_expert(layout), num_experts, dtype=bias.dtype)  # [N, E]
+    return ops.matmul(onehot, ops.reshape(bias, (num_experts, b)))
 
 
 def _per_expert_fan_in(num_experts):
@@ -106,19 +142,58 @@ class Experts(keras.layers.Layer):
                 name="bo", shape=(e, 1, 1, d), initializer=self.bias_initializer
             )
 
+    @property
+    def params(self):
+        """dict name -> weight (wi, wo, [wi_gate], [bi, bo])."""
+        names = ["wi", "wo"] + ["wi_gate"] * self.gated + ["bi", "bo"] * self.use_bias
+        return {name: getattr(self, name) for name in names}
+
     def call(self, inputs, training=None):
-        hidden = ops.einsum("egcd,edh->egch", inputs, self.wi)  # [E, G, C, h]
+        """Capacity buffers [E, G, C, d] -> [E, G, C, d]."""
+        return self.ffn(inputs, self.params, _buffer_matmul, lambda b: b, training)
+
+    def on_rows(self, rows, layout, training=False, implementation="auto", params=None):
+        """Expert-sorted rows [N, d] -> [N, d], the same FFNs by grouped matmuls.
+
+        Args:
+            rows: [N, d] sorted by expert in `layout`'s segments.
+            layout: the rows' `tf_moe.ops.dropless.DroplessLayout`.
+            training: bool (dropout).
+            implementation: of `tf_moe.ops.grouped_matmul.grouped_matmul`.
+            params: the weights to use (default `self.params`; a shard of them
+                inside a per-device program).
+        """
+        def matmul(x, kernel):
+            return grouped_matmul(x, kernel, layout, implementation)
+
+        return self.ffn(
+            rows, params or self.params, matmul, lambda b: _row_bias(b, layout), training
+        )
+
+    def ffn(self, x, params, matmul, broadcast_bias, training):
+        """The expert FFN on any layout of routed tokens.
+
+        Args:
+            x: routed tokens, [..., d] in the layout `matmul` expects.
+            params: dict of weights as in `self.params` (cast to the compute
+                dtype here).
+            matmul: fn(x [..., a], kernel [E, a, b]) -> [..., b], each token
+                with its expert's kernel.
+            broadcast_bias: fn(bias [E, 1, 1, b]) -> the bias broadcast to x's layout.
+            training: bool.
+        """
+        dtype = self.compute_dtype
+        w = {name: ops.cast(value, dtype) for name, value in params.items()}
+        x = ops.cast(x, dtype)
+        hidden = matmul(x, w["wi"])  # [..., h]
         if self.use_bias:
-            hidden = hidden + self.bi
-        if self.gated:
-            gate = ops.einsum("egcd,edh->egch", inputs, self.wi_gate)
-            hidden = GATED_ACTIVATIONS[self.activation](gate) * hidden
-        else:
-            hidden = PLAIN_ACTIVATIONS[self.activation](hidden)
+            hidden = hidden + broadcast_bias(w["bi"])
+        gate = matmul(x, w["wi_gate"]) if self.gated else None
+        hidden = activate(self.activation, hidden, gate)
         hidden = self.dropout_layer(hidden, training=training)
-        outputs = ops.einsum("egch,ehd->egcd", hidden, self.wo)  # [E, G, C, d]
+        outputs = matmul(hidden, w["wo"])  # [..., d]
         if self.use_bias:
-            outputs = outputs + self.bo
+            outputs = outputs + broadcast_bias(w["bo"])
         return outputs
 
     def compute_output_shape(self, input_shape):

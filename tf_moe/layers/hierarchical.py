@@ -6,7 +6,10 @@ experts: y = sum_i G_primary(x)_i sum_j G_i(x)_j E_ij(x).
 
 Implemented as two nested dispatches: tokens -> primary buffers [a, G, C1, d];
 each primary buffer row is a token group of the secondary routing (empty slots
-are padding) -> [b, a * G, C2, d] -> the a * b experts -> combine twice.
+are padding) -> [b, a * G, C2, d] -> the a * b experts -> combine twice. Both
+levels gate through `NoisyTopKRouter`s: `primary_router` over the a groups
+and `secondary_router`, a bank of a gates over b experts each (kernels
+[a, d, b]); their noise, seeds and weights are the routers'.
 
 Shape letters: G groups, S group size, d model dim, a primary groups,
 b experts per group, C1/C2 primary/secondary capacity, k choices.
@@ -19,7 +22,7 @@ from tf_moe import metrics
 from tf_moe._validation import check_k, check_non_negative, check_positive_int
 from tf_moe.layers.moe import GroupedMoELayer
 from tf_moe.ops import dispatch as dispatch_lib
-from tf_moe.routing import losses, noisy_top_k_routing
+from tf_moe.routing import NoisyTopKRouter, losses
 
 
 def hierarchical_importance(slot_gate, secondary_gates):
@@ -58,12 +61,13 @@ class HierarchicalMoE(GroupedMoELayer):
     """Hierarchical MoE: a primary gate over expert groups, secondary gates
     within groups, a * b experts in all.
 
-    Both gates are noisy top-k gates (zero-initialized, noise in training
-    only). Losses: the primary gate's importance and load losses, and the
-    hierarchical importance and load losses over all a * b experts (appendix
-    B), each weighted by `importance_loss_weight` / `load_loss_weight`.
-    Capacity applies at both levels with the same factor:
-    C1 = ceil(f * S * k1 / a), C2 = ceil(f * C1 * k2 / b).
+    Both gates are noisy top-k gates (`NoisyTopKRouter`: zero-initialized,
+    noise in training only). Losses: the primary gate's importance and load
+    losses, and the hierarchical importance and load losses over all a * b
+    experts (appendix B), each weighted by `importance_loss_weight` /
+    `load_loss_weight`. Capacity applies at both levels with the same factor:
+    C1 = ceil(f * S * k1 / a), C2 = ceil(f * C1 * k2 / b). The statistics'
+    `expert_load` covers all a * b experts (expert (i, j) at i * b + j).
 
     Args:
         num_groups: int >= 1, a.
@@ -113,8 +117,8 @@ class HierarchicalMoE(GroupedMoELayer):
     ):
         check_positive_int("num_groups", num_groups)
         check_positive_int("experts_per_group", experts_per_group)
-        check_k(primary_k, num_groups)
-        check_k(secondary_k, experts_per_group)
+        check_k(primary_k, num_groups, "primary_k", "num_groups")
+        check_k(secondary_k, experts_per_group, "secondary_k", "experts_per_group")
         check_non_negative("importance_loss_weight", importance_loss_weight)
         check_non_negative("load_loss_weight", load_loss_weight)
         check_non_negative("noise_epsilon", noise_epsilon)
@@ -140,23 +144,32 @@ class HierarchicalMoE(GroupedMoELayer):
         self.load_loss_weight = float(load_loss_weight)
         self.noise_epsilon = float(noise_epsilon)
         self.seed = seed
-        self.seed_generator = keras.random.SeedGenerator(seed)
+        self.primary_router = NoisyTopKRouter(
+            k=primary_k,
+            num_experts=num_groups,
+            importance_loss_weight=importance_loss_weight,
+            load_loss_weight=load_loss_weight,
+            noise_epsilon=noise_epsilon,
+            seed=seed,
+            name="primary_router",
+        )
+        # The hierarchical losses replace the secondary gates' own.
+        self.secondary_router = NoisyTopKRouter(
+            k=secondary_k,
+            num_experts=experts_per_group,
+            num_gates=num_groups,
+            importance_loss_weight=0.0,
+            load_loss_weight=0.0,
+            noise_epsilon=noise_epsilon,
+            seed=None if seed is None else seed + 1,
+            name="secondary_router",
+        )
 
     def build(self, input_shape):
         super().build(input_shape)
         d, a, b = self.feature_dim, self.num_groups, self.experts_per_group
-
-        def gate(name, shape):
-            # Zero init (paper, appendix A); float32 under any dtype policy.
-            return self.add_weight(
-                name=name, shape=shape, initializer="zeros", dtype="float32",
-                autocast=False,
-            )
-
-        self.primary_kernel = gate("primary_kernel", (d, a))
-        self.primary_noise_kernel = gate("primary_noise_kernel", (d, a))
-        self.secondary_kernel = gate("secondary_kernel", (a, d, b))
-        self.secondary_noise_kernel = gate("secondary_noise_kernel", (a, d, b))
+        self.primary_router.build((None, None, d))
+        self.secondary_router.build((a, None, None, d))
         self.experts.build((a * b, None, None, d))
 
     @property
@@ -174,90 +187,67 @@ class HierarchicalMoE(GroupedMoELayer):
             self.num_groups * self.experts_per_group
         )
 
+    # Two nested levels of capacity buffers; no dropless rows.
+    supports_rows = False
+
     def stat_shapes(self):
-        shapes = {"expert_load": (self.num_groups,)}
+        shapes = {"expert_load": (self.num_groups * self.experts_per_group,)}
         names = metrics.SCALAR_STATS + ("secondary_dropped_fraction",) + self.loss_names
         shapes.update({name: () for name in names})
         return shapes
 
-    def _noise(self, x, kernel_equation, noise_kernel, logits, training):
-        """(stddev, noise) of noisy gating, or (None, None) outside training."""
-        if not training:
-            return None, None
-        stddev = ops.softplus(ops.einsum(kernel_equation, x, noise_kernel))
-        noise = keras.random.normal(ops.shape(logits), seed=self.seed_generator)
-        return stddev + self.noise_epsilon, noise
-
     def route_and_compute(self, groups, token_mask, training):
         a, b, d = self.num_groups, self.experts_per_group, self.feature_dim
-        dispatch, combine = self._dispatchers()
-        # Primary gate over groups.
-        x = ops.cast(groups, "float32")  # [G, S, d]
-        logits = ops.einsum("gsd,da->gsa", x, self.primary_kernel)  # [G, S, a]
-        stddev, noise = self._noise(
-            x, "gsd,da->gsa", self.primary_noise_kernel, logits, training
+        plan = self.plan(training)
+        capacity1 = plan.capacity(groups.shape[1], a, self.primary_k, self.min_capacity)
+        primary, gates1 = self.primary_router.route_with_gates(
+            groups, capacity1, token_mask, training
         )
-        capacity1 = self._capacity(groups.shape[1], a, self.primary_k, training)
-        primary, primary_gates, primary_load_probs = noisy_top_k_routing(
-            logits, stddev, noise, self.primary_k, capacity1, token_mask
-        )
-        buffers = dispatch(groups, primary)  # [a, G, C1, d]
+        buffers = plan.dispatch(groups, primary)  # [a, G, C1, d]
         occupied = dispatch_lib.slot_mask(primary)  # [a, G, C1]
 
-        # Secondary gates: each primary buffer row is one routing group.
-        xb = ops.cast(buffers, "float32")
-        logits2 = ops.einsum("agcd,adb->agcb", xb, self.secondary_kernel)
-        stddev2, noise2 = self._noise(
-            xb, "agcd,adb->agcb", self.secondary_noise_kernel, logits2, training
-        )
-
-        def as_groups(t):  # [a, G, C1, ...] -> [a * G, C1, ...]
-            return None if t is None else ops.reshape(t, (-1,) + tuple(t.shape[2:]))
-
-        capacity2 = self._capacity(capacity1, b, self.secondary_k, training)
-        secondary, secondary_gates, secondary_load_probs = noisy_top_k_routing(
-            as_groups(logits2),
-            as_groups(stddev2),
-            as_groups(noise2),
-            self.secondary_k,
-            capacity2,
-            as_groups(occupied),
-        )
+        # Secondary gates: gate i routes the rows of primary buffer i, each
+        # row of C1 slots one group (empty slots are padding).
+        capacity2 = plan.capacity(capacity1, b, self.secondary_k, self.min_capacity)
+        secondary, gates2 = self.secondary_router.route_with_gates(
+            buffers, capacity2, occupied, training
+        )  # over [a * G, C1] groups
         # Shape: [b, a * G, C2, d] -> [a * b, G, C2, d], expert (i, j) at i * b + j.
-        inner = dispatch(as_groups(buffers), secondary)
+        inner = plan.dispatch(ops.reshape(buffers, (-1, capacity1, d)), secondary)
         inner = ops.reshape(inner, (b, a, -1, capacity2, d))
         inner = ops.reshape(ops.transpose(inner, (1, 0, 2, 3, 4)), (a * b, -1, capacity2, d))
         outputs = self.experts(inner, training=training)  # [a * b, G, C2, d]
         outputs = ops.reshape(outputs, (a, b, -1, capacity2, d))
         outputs = ops.reshape(ops.transpose(outputs, (1, 0, 2, 3, 4)), (b, -1, capacity2, d))
-        outputs = combine(outputs, secondary)  # [a * G, C1, d]
-        outputs = combine(ops.reshape(outputs, (a, -1, capacity1, d)), primary)
+        outputs = plan.combine(outputs, secondary)  # [a * G, C1, d]
+        outputs = plan.combine(ops.reshape(outputs, (a, -1, capacity1, d)), primary)
 
-        stats = metrics.routing_stats(primary)
-        stats["secondary_dropped_fraction"] = metrics.routing_stats(secondary)[
-            "dropped_fraction"
-        ]
-        secondary_gates = ops.reshape(secondary_gates, (a, -1, capacity1, b))
+        stats = metrics.routing_stats(primary)  # incl. the primary losses
+        secondary_stats = metrics.routing_stats(secondary)
+        stats["secondary_dropped_fraction"] = secondary_stats["dropped_fraction"]
+        # Shape: [a * G, b] routed choices -> [a * b] over all experts.
+        per_group = ops.einsum(
+            "nckb,nck->nb",
+            ops.one_hot(secondary.expert_index, b),
+            ops.cast(secondary.dispatch_mask, "float32"),
+        )
+        load = ops.reshape(ops.sum(ops.reshape(per_group, (a, -1, b)), axis=1), (-1,))
+        stats["expert_load"] = load / ops.maximum(ops.sum(load), 1.0)
         if self.importance_loss_weight > 0:
+            secondary_gates = ops.reshape(gates2.dense_gates, (a, -1, capacity1, b))
             importance = hierarchical_importance(
                 dispatch_lib.slot_weight(primary), secondary_gates
-            )
-            stats["importance_loss"] = self.importance_loss_weight * (
-                losses.importance_loss(primary_gates, token_mask)
             )
             stats["hierarchical_importance_loss"] = self.importance_loss_weight * (
                 losses.cv_squared(ops.reshape(importance, (-1,)))
             )
         if self.load_loss_weight > 0:
             mask = ops.cast(token_mask, "float32")[..., None]
-            primary_load = ops.sum(primary_load_probs * mask, axis=(0, 1))  # [a]
+            primary_load = ops.sum(gates1.load_probs * mask, axis=(0, 1))  # [a]
             load = hierarchical_load(
                 primary_load,
-                ops.reshape(secondary_load_probs, (a, -1, capacity1, b)),
+                ops.reshape(gates2.load_probs, (a, -1, capacity1, b)),
                 occupied,
-            )
-            stats["load_loss"] = self.load_loss_weight * (
-                losses.load_loss(primary_load_probs, token_mask)
             )
             stats["hierarchical_load_loss"] = self.load_loss_weight * (
                 losses.cv_squared(ops.reshape(load, (-1,)))

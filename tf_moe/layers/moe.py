@@ -4,10 +4,12 @@ Flow: x [B, d] or [B, L, d] -> tokens [T, d] -> groups [G, S, d] (the last
 group padded; padding is never routed) -> router -> `Routing` -> dispatch
 [E, G, C, d] -> experts -> combine [G, S, d] -> y, same shape as x.
 
-Owns: grouping, capacity, the choice of dispatch path, `add_loss` of the
-router's auxiliary losses, the last routing statistics.
-Does not own: routing rules (`tf_moe.routing`), dispatch math (`tf_moe.ops`),
-expert math (`tf_moe.layers.experts`).
+Owns: grouping, `add_loss` of the router's auxiliary losses, the last
+routing statistics. Each call resolves one `tf_moe.ops.DispatchPlan` (path,
+dropless, capacity) and hands it the routed groups.
+Does not own: routing rules (`tf_moe.routing`), the choice and math of
+dispatch (`tf_moe.ops.plan`, `tf_moe.ops`), expert math
+(`tf_moe.layers.experts`).
 
 Shape letters: B batch, L length, T tokens, d model dim, G groups, S group size,
 E experts, C capacity, k choices per token.
@@ -25,14 +27,16 @@ from tf_moe._validation import (
     check_positive_int,
 )
 from tf_moe.layers.experts import EXPERT_ACTIVATIONS, Experts
-from tf_moe.ops import dispatch as dispatch_lib
-from tf_moe.ops import dropless, grouped_matmul
-from tf_moe.routing import Router, TopKRouter, expert_capacity
+from tf_moe.ops import plan as plan_lib
+from tf_moe.ops.dispatch import DISPATCH_METHODS
+from tf_moe.routing import Router, TopKRouter
 
 
 def bind_router(router, num_experts):
-    """The router to use for `num_experts` experts: `router` itself when it
-    already has that many, else a copy of it bound to `num_experts`."""
+    """The router to use for `num_experts` experts: an unbuilt `router` is
+    copied, bound to `num_experts` and named "router" (so that its weights
+    have the stable path `<layer>/router/kernel` that layout rules match); a
+    built one (shared between layers) is used as it is."""
     if router is None:
         router = TopKRouter(k=2)
     if isinstance(router, dict):
@@ -43,16 +47,22 @@ def bind_router(router, num_experts):
             f"None. Received: router={router!r}"
         )
     check_k(router.choices_per_token, num_experts)
-    if router.num_experts is None:
-        config = router.get_config()
-        config["num_experts"] = num_experts
-        router = router.__class__.from_config(config)
-    elif router.num_experts != num_experts:
+    if router.num_gates is not None:
+        raise ValueError(
+            "`router` must be a single gate: `num_gates` makes a bank of gates "
+            "(HierarchicalMoE's secondary gates). Received: "
+            f"router.num_gates={router.num_gates}"
+        )
+    if router.num_experts is not None and router.num_experts != num_experts:
         raise ValueError(
             "`router.num_experts` must equal `num_experts`. Received: "
             f"router.num_experts={router.num_experts}, num_experts={num_experts}"
         )
-    return router
+    if router.built:
+        return router
+    config = router.get_config()
+    config.update(num_experts=num_experts, name="router")
+    return router.__class__.from_config(config)
 
 
 def _unbuilt(serialized):
@@ -118,7 +128,7 @@ class GroupedMoELayer(keras.layers.Layer):
         check_capacity_factor("eval_capacity_factor", eval_capacity_factor)
         check_positive_int("min_capacity", min_capacity)
         check_positive_int("group_size", group_size)
-        check_choice("dispatch", dispatch, dispatch_lib.DISPATCH_METHODS)
+        check_choice("dispatch", dispatch, DISPATCH_METHODS)
         self.expert_hidden_dim = expert_hidden_dim
         self.expert_activation = expert_activation
         self.expert_dropout = expert_dropout
@@ -140,16 +150,31 @@ class GroupedMoELayer(keras.layers.Layer):
             name="experts",
         )
 
-    def _capacity(self, group_size, num_experts, choices_per_token, training):
-        """Slots per expert for a group of `group_size` tokens (or slots)."""
-        factor = self.capacity_factor if training else self.eval_capacity_factor
-        return expert_capacity(
-            group_size, num_experts, factor, choices_per_token, self.min_capacity
+    # Whether the experts can run on expert-sorted rows (dropless).
+    supports_rows = True
+
+    def plan(self, training):
+        """The `tf_moe.ops.DispatchPlan` of a call in this mode: dispatch path,
+        dropless or not, capacity factor (see `tf_moe.ops.plan` for what
+        "auto" picks).
+
+        Raises:
+            CustomCallUnavailableError (RuntimeError): dispatch="custom_call"
+                and a library it needs is not built (says how to build it).
+        """
+        name = "capacity_factor" if training else "eval_capacity_factor"
+        return plan_lib.resolve_plan(
+            self.dispatch,
+            getattr(self, name),
+            token_choice=self.token_choice,
+            rows=self.supports_rows,
+            capacity_name=name,
         )
 
-    def _dispatchers(self):
-        """(dispatch, combine) functions of the configured dispatch path."""
-        return dispatch_lib.DISPATCHERS[dispatch_lib.resolve_dispatch(self.dispatch)]
+    @property
+    def token_choice(self):
+        """Whether the routing is token choice (see `Router.token_choice`)."""
+        return True
 
     def build(self, input_shape):
         if len(input_shape) not in (2, 3):
@@ -265,7 +290,7 @@ class MoE(GroupedMoELayer):
 
     A capacity factor of None drops nothing. On the "custom_call" path (and
     "auto" where it resolves to it and the grouped-matmul library is built;
-    see `runs_dropless`) a token-choice router then runs dropless:
+    see `plan` and `runs_dropless`) a token-choice router then runs dropless:
     no [E, G, C, d] buffers, the routed choices are sorted by expert into
     N = G * S * k rows and each expert's FFN is one matmul over its segment
     (`tf_moe.ops.dropless`). On "einsum"/"gather" (and with
@@ -292,9 +317,12 @@ class MoE(GroupedMoELayer):
             call with fewer (statically known) tokens routes them as one group.
         dispatch: "auto" (default: "einsum" on TPU, "gather" under a
             `keras.distribution`; elsewhere "custom_call" when its library is
-            built, else "gather"), "einsum", "gather" or "custom_call". Every
-            path computes the same function. "custom_call" without its
-            library raises `RuntimeError` saying how to build it.
+            built, else "gather"; the table in `tf_moe.ops.plan` and the
+            README), "einsum", "gather" or "custom_call". Every path computes
+            the same function. "custom_call" without its library raises
+            `RuntimeError` saying how to build it. Where "auto" cannot honour
+            a None capacity factor with dropless rows, it warns and uses
+            C = S buffers.
         expert_kernel_initializer: initializer for expert kernels, or None
             for per-expert fan-in truncated normal.
         **kwargs: base `Layer` arguments.
@@ -369,47 +397,37 @@ class MoE(GroupedMoELayer):
         experts = self.router.experts_per_token(self.capacity_factor)
         return min(1.0, experts / self.num_experts)
 
+    @property
+    def token_choice(self):
+        return self.router.token_choice
+
     def capacity(self, group_size, training):
         """Slots per expert per group for a group of `group_size` tokens."""
-        return self._capacity(
-            group_size, self.num_experts, self.router.choices_per_token, training
+        return self.plan(training).capacity(
+            group_size, self.num_experts, self.router.choices_per_token, self.min_capacity
         )
 
     def runs_dropless(self, training):
-        """Whether a call in this mode takes the dropless path: no capacity
-        factor, a token-choice router (`router.token_choice`), and the
-        "custom_call" dispatch path (for "auto": where the grouped-matmul
-        library is built too).
+        """Whether a call in this mode runs dropless (`plan(training).dropless`):
+        no capacity factor, a token-choice router, and the custom-call path
+        with the grouped-matmul library ("custom_call", or "auto" where it
+        resolves to it).
 
         Raises:
-            RuntimeError: dispatch="custom_call" with a None capacity factor
-                and a custom-call library missing (says how to build it).
+            RuntimeError: dispatch="custom_call" with a library missing (says
+                how to build it).
         """
-        factor = self.capacity_factor if training else self.eval_capacity_factor
-        if factor is not None or not self.router.token_choice:
-            return False
-        path = dispatch_lib.resolve_dispatch(self.dispatch)  # raises if asked and missing
-        if self.dispatch == "custom_call":
-            grouped_matmul.require_available()
-            return True
-        return path == "custom_call" and grouped_matmul.is_available()
+        return self.plan(training).dropless
 
     def route_and_compute(self, groups, token_mask, training):
-        group_size = groups.shape[1]
-        routing = self.router.route(
-            groups, self.capacity(group_size, training), token_mask, training
+        plan = self.plan(training)
+        capacity = plan.capacity(
+            groups.shape[1], self.num_experts, self.router.choices_per_token,
+            self.min_capacity,
         )
-        if self.runs_dropless(training):
-            # C = S above, so the routing drops nothing; the rows replace the
-            # capacity buffers.
-            outputs = dropless.dropless_moe(
-                groups, routing, self.experts, training=training,
-                implementation="custom_call",
-            )
-            return outputs, metrics.routing_stats(routing)
-        dispatch, combine = self._dispatchers()
-        expert_outputs = self.experts(dispatch(groups, routing), training=training)
-        return combine(expert_outputs, routing), metrics.routing_stats(routing)
+        routing = self.router.route(groups, capacity, token_mask, training)
+        outputs = plan.run(groups, routing, self.experts, training)
+        return outputs, metrics.routing_stats(routing)
 
     def get_config(self):
         config = super().get_config()

@@ -23,7 +23,7 @@ from keras import ops
 
 from tf_moe._validation import check_choice, check_fraction, check_positive_int
 from tf_moe.layers import MoE
-from tf_moe.layers.experts import EXPERT_ACTIVATIONS, GATED_ACTIVATIONS, PLAIN_ACTIVATIONS
+from tf_moe.layers.experts import EXPERT_ACTIVATIONS, GATED_ACTIVATIONS, activate
 from tf_moe.routing import TopKRouter
 
 POSITION_KINDS = ("learned", "sinusoidal")
@@ -136,11 +136,8 @@ class FeedForward(keras.layers.Layer):
         self.wo.build(tuple(input_shape[:-1]) + (self.hidden_dim,))
 
     def call(self, inputs, training=None):
-        if self.wi_gate is None:
-            hidden = PLAIN_ACTIVATIONS[self.activation](self.wi(inputs))  # [..., h]
-        else:
-            gate = GATED_ACTIVATIONS[self.activation](self.wi_gate(inputs))  # [..., h]
-            hidden = gate * self.wi(inputs)
+        gate = None if self.wi_gate is None else self.wi_gate(inputs)  # [..., h]
+        hidden = activate(self.activation, self.wi(inputs), gate)  # [..., h]
         return self.wo(self.hidden_dropout(hidden, training=training))  # [..., d]
 
     def compute_output_shape(self, input_shape):

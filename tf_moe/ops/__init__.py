@@ -1,6 +1,6 @@
-"""Token dispatch/combine: the keras.ops paths (einsum, gather) and the
-choice among them and the custom calls (`custom_call`, `dropless`,
-`grouped_matmul` are submodules)."""
+"""Moving tokens to experts and back: the plan of a layer call (`plan`), the
+keras.ops paths (`dispatch`: einsum, gather), the custom calls
+(`custom_call`, `dropless`, `grouped_matmul`) and their loader (`library`)."""
 
 from tf_moe.ops.dispatch import (
     DISPATCH_METHODS,
@@ -12,5 +12,5 @@ from tf_moe.ops.dispatch import (
     slot_mask,
     slot_owner,
     slot_weight,
-    resolve_dispatch,
 )
+from tf_moe.ops.plan import DispatchPlan, resolve_plan

@@ -19,36 +19,32 @@ Backends:
 - JAX: `jax.ffi.ffi_call` on the handlers of `libtf_moe_ffi.so` (CPU) or
   `libtf_moe_ffi_cuda.so` (CUDA), gradients via `jax.custom_vjp`.
 
-The libraries are searched, in order, in `$TF_MOE_OPS_DIR`, next to this
-module (`tf_moe/ops/cc/`, e.g. in Bazel runfiles), and outside Bazel tests in
-the checkout's `bazel-bin/tf_moe/ops/cc/`. Build them with
-`bazel build //tf_moe/ops/cc:all` (CUDA: `bazel build
+The libraries are found and loaded by `tf_moe.ops.library` (`LIBRARY`).
+Build them with `bazel build //tf_moe/ops/cc:all` (CUDA: `bazel build
 //tf_moe/ops/cc:libtf_moe_ffi_cuda.so`, needs nvcc).
 
-Owns: loading and registering the library, the gradients. Does not own: the
-math (`cc/dispatch_core.h`, `cc/dispatch_kernels.cu.cc`), routing.
+Owns: the calls and their gradients. Does not own: the math
+(`cc/dispatch_core.h`, `cc/dispatch_kernels.cu.cc`), loading
+(`tf_moe.ops.library`), routing.
 
 Shape letters: G groups, S tokens per group, d model dim, E experts,
 C capacity, k choices per token.
 """
 
 import functools
-import os
 
 import keras
 
-LIBRARY_DIR_ENV = "TF_MOE_OPS_DIR"
+from tf_moe.ops.library import (
+    LIBRARY_DIR_ENV,
+    CustomCallUnavailableError,
+    NativeLibrary,
+)
+
 FFI_LIBRARY = "libtf_moe_ffi.so"
 CUDA_LIBRARY = "libtf_moe_ffi_cuda.so"
 TF_LIBRARY = "libtf_moe_ops.so"
 SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
-
-# XLA FFI targets and the handler symbols (per platform) that implement them.
-_TARGETS = {
-    "tf_moe_dispatch": "TfMoeDispatch",
-    "tf_moe_combine": "TfMoeCombine",
-    "tf_moe_combine_grad": "TfMoeCombineGrad",
-}
 
 BUILD_HINT = (
     "Build the custom-call library from the repository root with "
@@ -60,86 +56,8 @@ BUILD_HINT = (
 )
 
 
-class CustomCallUnavailableError(RuntimeError):
-    """The custom-call library is not built or cannot run here."""
-
-
-def library_dirs(package="cc"):
-    """Directories searched for the libraries of `tf_moe/ops/<package>`, in
-    order: $TF_MOE_OPS_DIR, `tf_moe/ops/<package>/` next to this module (e.g.
-    Bazel runfiles) and, outside Bazel tests, the checkout's
-    `bazel-bin/tf_moe/ops/<package>/`."""
-    dirs = []
-    if os.environ.get(LIBRARY_DIR_ENV):
-        dirs.append(os.environ[LIBRARY_DIR_ENV])
-    here = os.path.dirname(os.path.abspath(__file__))
-    dirs.append(os.path.join(here, package))
-    if "TEST_SRCDIR" not in os.environ:  # not inside a (hermetic) Bazel test
-        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.realpath(__file__))))
-        dirs.append(os.path.join(root, "bazel-bin", "tf_moe", "ops", package))
-    return dirs
-
-
-def find_library(name, dirs=None):
-    """Path of library `name` in `dirs` (default `library_dirs()`), or None."""
-    for directory in library_dirs() if dirs is None else dirs:
-        path = os.path.join(directory, name)
-        if os.path.isfile(path):
-            return path
-    return None
-
-
-def _require_library(name):
-    path = find_library(name)
-    if path is None:
-        raise CustomCallUnavailableError(
-            f"dispatch='custom_call' needs {name}, which was not found in "
-            f"{library_dirs()}. {BUILD_HINT}"
-        )
-    return path
-
-
-# ---------------------------------------------------------------------------
-# TensorFlow.
-
-
-def load_tf_op_library(find_path, feature, alternative, build_hint):
-    """`tf.load_op_library` of the path `find_path()` returns, for the TF op
-    libraries of tf_moe (CPU kernels only).
-
-    Raises:
-        CustomCallUnavailableError: TensorFlow sees a GPU, the library is
-            missing (from `find_path`), or it does not load (built against
-            another TensorFlow); the message names `feature`, the
-            `alternative` to use and how to build (`build_hint`).
-    """
+def _register_tf_gradients(lib):
     import tensorflow as tf
-
-    if tf.config.list_logical_devices("GPU"):
-        raise CustomCallUnavailableError(
-            f"{feature} on the TensorFlow backend has CPU kernels only, and "
-            f"TensorFlow sees a GPU. Use {alternative}, or the JAX backend "
-            "for the CUDA kernels."
-        )
-    path = find_path()
-    try:
-        return tf.load_op_library(path)
-    except tf.errors.NotFoundError as error:
-        raise CustomCallUnavailableError(
-            f"{path} does not load into TensorFlow {tf.__version__} (built "
-            f"against another TensorFlow?): {error}. {build_hint}"
-        ) from error
-
-
-@functools.lru_cache(maxsize=None)
-def _tf_ops():
-    """The loaded TF op library; registers the gradients (once)."""
-    import tensorflow as tf
-
-    lib = load_tf_op_library(
-        lambda: _require_library(TF_LIBRARY), "dispatch='custom_call'",
-        "dispatch='gather'", BUILD_HINT,
-    )
 
     @tf.RegisterGradient("TfMoeDispatch")
     def _dispatch_grad(op, grad):
@@ -166,7 +84,29 @@ def _tf_ops():
         )
         return [grad_y, None, None, None, grad_weight]
 
-    return lib
+
+LIBRARY = NativeLibrary(
+    feature="dispatch='custom_call'",
+    alternative="dispatch='gather'",
+    package="cc",
+    tf_library=TF_LIBRARY,
+    host_library=FFI_LIBRARY,
+    cuda_library=CUDA_LIBRARY,
+    # XLA FFI targets and the handler symbols that implement them.
+    targets={
+        "tf_moe_dispatch": "TfMoeDispatch",
+        "tf_moe_combine": "TfMoeCombine",
+        "tf_moe_combine_grad": "TfMoeCombineGrad",
+    },
+    build_hint=BUILD_HINT,
+    register_tf_gradients=_register_tf_gradients,
+)
+require_available = LIBRARY.require_available
+is_available = LIBRARY.is_available
+
+
+# ---------------------------------------------------------------------------
+# TensorFlow.
 
 
 def _tf_routing(routing):
@@ -180,7 +120,7 @@ def _tf_routing(routing):
 
 
 def _tf_dispatch(x, routing):
-    return _tf_ops().tf_moe_dispatch(
+    return LIBRARY.tf_ops().tf_moe_dispatch(
         x,
         *_tf_routing(routing),
         num_experts=routing.num_experts,
@@ -191,7 +131,7 @@ def _tf_dispatch(x, routing):
 def _tf_combine(expert_outputs, routing):
     import tensorflow as tf
 
-    return _tf_ops().tf_moe_combine(
+    return LIBRARY.tf_ops().tf_moe_combine(
         expert_outputs,
         *_tf_routing(routing),
         tf.cast(routing.combine_weight, tf.float32),
@@ -204,43 +144,11 @@ def _tf_combine(expert_outputs, routing):
 # JAX.
 
 
-def _jax_platform():
-    import jax
-
-    return jax.default_backend()
-
-
-@functools.lru_cache(maxsize=None)
-def _jax_register(platform):
-    """Registers the FFI targets for `platform` ("cpu" or "gpu"), once."""
-    import ctypes
-
-    import jax
-
-    if platform == "cpu":
-        library, suffix, xla_platform = FFI_LIBRARY, "Host", "cpu"
-    elif platform == "gpu":
-        library, suffix, xla_platform = CUDA_LIBRARY, "Cuda", "CUDA"
-    else:
-        raise CustomCallUnavailableError(
-            "dispatch='custom_call' runs on CPU and CUDA GPUs. Received: JAX "
-            f"platform {platform!r}. Use dispatch='einsum' or 'gather'."
-        )
-    lib = ctypes.cdll.LoadLibrary(_require_library(library))
-    for target, symbol in _TARGETS.items():
-        jax.ffi.register_ffi_target(
-            target,
-            jax.ffi.pycapsule(getattr(lib, symbol + suffix)),
-            platform=xla_platform,
-        )
-    return True
-
-
 def _ffi(target, results, *args, num_experts, capacity):
     import jax
     import numpy as np
 
-    _jax_register(_jax_platform())
+    LIBRARY.register_jax()
     return jax.ffi.ffi_call(target, results)(
         *args, num_experts=np.int64(num_experts), capacity=np.int64(capacity)
     )
@@ -364,40 +272,6 @@ def _check_dtype(name, tensor):
             f"`{name}` must have dtype in {SUPPORTED_DTYPES} for "
             f"dispatch='custom_call'. Received: {name}.dtype={dtype}"
         )
-
-
-def require_available():
-    """Loads and registers the library for the current backend and device.
-
-    Raises:
-        CustomCallUnavailableError: with the reason and how to build it.
-    """
-    backend = keras.backend.backend()
-    if backend == "tensorflow":
-        _tf_ops()
-    elif backend == "jax":
-        _jax_register(_jax_platform())
-    else:
-        _backend_functions()
-
-
-@functools.lru_cache(maxsize=None)
-def _available(backend, platform):
-    del backend, platform  # cache keys
-    try:
-        require_available()
-    except CustomCallUnavailableError:
-        return False
-    return True
-
-
-def is_available():
-    """Whether dispatch='custom_call' can run with the current Keras backend
-    on its default device (the library is built, loads, and has kernels for
-    the device)."""
-    backend = keras.backend.backend()
-    platform = _jax_platform() if backend == "jax" else None
-    return _available(backend, platform)
 
 
 def custom_call_dispatch(x, routing):

@@ -9,17 +9,20 @@ the gather path. Both compute the same function of a `Routing`:
 `einsum` builds one-hot dispatch/combine tensors [G, S, E, C] (GShard, Mesh
 TensorFlow): static shapes, TPU friendly, O(S * E * C * d) work. `gather`
 moves rows by index: O(S * k * d) work plus a scatter of slot owners.
-`custom_call` (registered here, implemented in `tf_moe.ops.custom_call`)
-runs the same function as XLA custom calls into the Bazel-built C++/CUDA
-library.
+`custom_call` (registered in `DISPATCHERS`, implemented in
+`tf_moe.ops.custom_call`) runs the same function as XLA custom calls into the
+Bazel-built C++/CUDA library.
 
-Owns: dispatch/combine math. Does not own: routing decisions (`tf_moe.routing`).
+A `Routing` in slot-major form (expert choice, `Routing.from_slots`) is
+dispatched by its slot -> token index: O(E * C * d) work per group on every
+path (the einsum path's one-hot is [G, E, C, S]).
+
+Owns: dispatch/combine math. Does not own: routing decisions
+(`tf_moe.routing`), the choice of a path (`tf_moe.ops.plan`).
 
 Shape letters: G groups, S tokens per group, d model dim, E experts,
 C capacity, k choices per token.
 """
-
-import functools
 
 import keras
 from keras import ops
@@ -44,15 +47,28 @@ def _combine_tensor(routing, weighted):
     return ops.einsum("gske,gsk,gskc->gsec", expert, scale, slot)
 
 
+def _slot_onehot(routing, dtype):
+    """[G, E, C, S] one-hot of each slot's token (all 0 for empty slots)."""
+    return ops.one_hot(routing.slot_token, routing.token_mask.shape[-1], dtype=dtype)
+
+
 def einsum_dispatch(x, routing):
     """Dispatch with a one-hot tensor. x: [G, S, d] -> [E, G, C, d]."""
+    if routing.slot_major:
+        return ops.einsum("gecs,gsd->egcd", _slot_onehot(routing, x.dtype), x)
     dispatch = ops.cast(_combine_tensor(routing, weighted=False), x.dtype)
     return ops.einsum("gsec,gsd->egcd", dispatch, x)
 
 
 def einsum_combine(expert_outputs, routing):
     """Combine with a weighted one-hot tensor. [E, G, C, d] -> [G, S, d]."""
-    combine = ops.cast(_combine_tensor(routing, weighted=True), expert_outputs.dtype)
+    dtype = expert_outputs.dtype
+    if routing.slot_major:
+        weight = ops.cast(routing.slot_weight, dtype)  # [G, E, C]
+        return ops.einsum(
+            "gecs,gec,egcd->gsd", _slot_onehot(routing, dtype), weight, expert_outputs
+        )
+    combine = ops.cast(_combine_tensor(routing, weighted=True), dtype)
     return ops.einsum("gsec,egcd->gsd", combine, expert_outputs)
 
 
@@ -138,21 +154,52 @@ def take_rows(rows, index):
     return take(rows)
 
 
+def _slot_rows(routing):
+    """<int32>[G * E * C] flat token index g * S + s of each slot (g-major);
+    G * S for empty slots."""
+    num_groups = ops.shape(routing.slot_token)[0]
+    group_size = routing.token_mask.shape[-1]
+    group = ops.arange(num_groups, dtype="int32")[:, None, None]  # [G, 1, 1]
+    rows = ops.where(
+        routing.slot_token < group_size,
+        group * group_size + routing.slot_token,
+        num_groups * group_size,
+    )
+    return ops.reshape(rows, (-1,))
+
+
 def gather_dispatch(x, routing):
-    """Dispatch by gathering token rows. x: [G, S, d] -> [E, G, C, d]."""
+    """Dispatch by gathering token rows. x: [G, S, d] -> [E, G, C, d].
+
+    Both views gather E * C rows per group: by `slot_token` (slot-major) or by
+    the slot owners scattered from the choices (token-major)."""
     d = x.shape[-1]
     # Shape: [G * S + 1, d]; the last row is zeros for empty slots.
     rows = ops.concatenate([ops.reshape(x, (-1, d)), ops.zeros((1, d), x.dtype)], 0)
-    gathered = take_rows(rows, slot_owner(routing))  # [G * E * C, d]
+    if routing.slot_major:
+        gathered = take_rows(rows, _slot_rows(routing))  # [G * E * C, d]
+    else:
+        gathered = take_rows(rows, slot_owner(routing))  # [G * E * C, d]
     gathered = ops.reshape(gathered, (-1, routing.num_experts, routing.capacity, d))
     return ops.transpose(gathered, (1, 0, 2, 3))  # [E, G, C, d]
 
 
 def gather_combine(expert_outputs, routing):
-    """Combine by gathering slot rows. [E, G, C, d] -> [G, S, d]."""
+    """Combine by gathering slot rows. [E, G, C, d] -> [G, S, d].
+
+    Token-major: each token gathers its k slots. Slot-major: each slot's
+    weighted row is summed into its token (a segment sum over E * C rows per
+    group, not a gather of S * E)."""
     d = expert_outputs.shape[-1]
-    # Shape: [G * E * C + 1, d]; the last row serves unrouted choices.
+    # Shape: [G * E * C, d], g-major like the slots.
     rows = ops.reshape(ops.transpose(expert_outputs, (1, 0, 2, 3)), (-1, d))
+    if routing.slot_major:
+        num_groups = ops.shape(routing.slot_token)[0]
+        group_size = routing.token_mask.shape[-1]
+        weight = ops.cast(ops.reshape(routing.slot_weight, (-1, 1)), rows.dtype)
+        # Segment G * S collects the empty slots and is sliced off.
+        y = ops.segment_sum(rows * weight, _slot_rows(routing), num_groups * group_size + 1)
+        return ops.reshape(y[:-1], (-1, group_size, d))
     rows = ops.concatenate([rows, ops.zeros((1, d), rows.dtype)], axis=0)
     gathered = take_rows(rows, _flat_slot(routing))  # [G, S, k, d]
     weight = ops.cast(routing.combine_weight, rows.dtype)  # [G, S, k]
@@ -164,42 +211,3 @@ DISPATCHERS = {
     "gather": (gather_dispatch, gather_combine),
     "custom_call": (custom_call.custom_call_dispatch, custom_call.custom_call_combine),
 }
-
-
-@functools.lru_cache(maxsize=None)
-def _on_tpu():
-    if keras.backend.backend() == "jax":
-        import jax
-
-        return jax.devices()[0].platform == "tpu"
-    if keras.backend.backend() == "tensorflow":
-        import tensorflow as tf
-
-        return bool(tf.config.list_logical_devices("TPU"))
-    return False
-
-
-def resolve_dispatch(method):
-    """The dispatch path `method` names.
-
-    "auto" is "einsum" on TPU (static one-hot matmuls suit the MXU); on CPU
-    and GPU it is "custom_call" where the custom-call library is built and
-    runs on the backend's device (the fastest path there, see
-    docs/benchmarks.md), else "gather".
-
-    Raises:
-        RuntimeError (`custom_call.CustomCallUnavailableError`): "custom_call"
-            was requested and the library is not built or cannot run here;
-            the message says how to build it.
-    """
-    if method == "custom_call":
-        custom_call.require_available()
-        return method
-    if method != "auto":
-        return method
-    if _on_tpu():
-        return "einsum"
-    if keras.distribution.distribution() is not None:
-        # XLA cannot partition an opaque custom call: keep SPMD layouts.
-        return "gather"
-    return "custom_call" if custom_call.is_available() else "gather"

@@ -16,14 +16,16 @@ ceil(count / tile) * tile rows:
 
 N is static: round_up(G * S * k + E * (tile - 1), tile) covers any routing.
 
-The layout is pure `keras.ops`. Rows move by `keras.ops` gathers, or, in
-`dropless_moe` with the custom-call grouped matmul and a static N, by the
-custom-call dispatch/combine kernels; the expert FFNs run on the rows through
-`tf_moe.ops.grouped_matmul`. See docs/custom_calls.md, "Dropless mode".
+The layout is pure `keras.ops`. Rows move by `keras.ops` gathers or by the
+custom-call dispatch/combine kernels (`dispatch_rows(..., kernels=True)`,
+which `tf_moe.ops.plan` picks with the custom-call grouped matmul and a static
+N); the expert FFNs run on the rows in `tf_moe.layers.Experts.on_rows`. See
+docs/custom_calls.md, "Dropless mode".
 
-Owns: the dropless layout, dispatch/combine, the FFNs on rows.
+Owns: the dropless layout, moving tokens to rows and back.
 Does not own: routing (`tf_moe.routing`; a dropless MoE routes with capacity
-C = S so that no choice overflows), expert weights (`tf_moe.layers.Experts`).
+C = S so that no choice overflows), expert math (`tf_moe.layers.Experts`),
+the choice of this path (`tf_moe.ops.plan`).
 
 Shape letters: G groups, S tokens per group, d model dim, h hidden dim,
 E experts, k choices per token, N buffer rows.
@@ -31,12 +33,10 @@ E experts, k choices per token, N buffer rows.
 
 from typing import NamedTuple
 
-import keras
 from keras import ops
 
 from tf_moe.ops import custom_call
 from tf_moe.ops.dispatch import take_rows
-from tf_moe.ops.grouped_matmul import grouped_matmul, resolve_implementation, row_expert
 
 
 class DroplessLayout(NamedTuple):
@@ -135,43 +135,6 @@ def dropless_combine(out_rows, routing, layout):
     return ops.einsum("gskd,gsk->gsd", gathered, weight)
 
 
-def _row_bias(bias, layout, dtype):
-    """bias [E, 1, 1, b] -> [N, b] per row (0 past the last segment).
-
-    A one-hot matmul [N, E] @ [E, b] rather than a gather: its gradient is a
-    matmul too (a gather's is a scatter-add of N rows into E, slow under
-    contention on GPUs, and TF XLA aborts on the gradient of a gather from a
-    concatenation)."""
-    num_experts, b = bias.shape[0], bias.shape[-1]
-    onehot = ops.one_hot(row_expert(layout), num_experts, dtype=dtype)  # [N, E]
-    return ops.matmul(onehot, ops.reshape(ops.cast(bias, dtype), (num_experts, b)))
-
-
-def experts_on_rows(experts, rows, layout, training=False, implementation="auto"):
-    """The `tf_moe.layers.Experts` FFNs on expert-sorted rows [N, d] -> [N, d]
-    (same math as `Experts.call` on [E, G, C, d] buffers)."""
-    from tf_moe.layers.experts import GATED_ACTIVATIONS, PLAIN_ACTIVATIONS
-
-    dtype = experts.compute_dtype
-    rows = ops.cast(rows, dtype)
-    hidden = grouped_matmul(rows, experts.wi, layout, implementation)  # [N, h]
-    if experts.use_bias:
-        hidden = hidden + _row_bias(experts.bi, layout, dtype)
-    if experts.gated:
-        gate = grouped_matmul(rows, experts.wi_gate, layout, implementation)
-        hidden = GATED_ACTIVATIONS[experts.activation](gate) * hidden
-    else:
-        hidden = PLAIN_ACTIVATIONS[experts.activation](hidden)
-    if training and experts.dropout > 0:
-        hidden = keras.random.dropout(
-            hidden, experts.dropout, seed=experts.dropout_layer.seed_generator
-        )
-    out = grouped_matmul(hidden, experts.wo, layout, implementation)  # [N, d]
-    if experts.use_bias:
-        out = out + _row_bias(experts.bo, layout, dtype)
-    return out
-
-
 def _row_routing(routing, layout):
     """The row layout as a one-expert, one-group `Routing` ([1, G*S, k];
     choice (t, j) goes to slot row[t, j] of a [1, 1, N, d] buffer), so that
@@ -188,33 +151,34 @@ def _row_routing(routing, layout):
         combine_weight=flat(routing.combine_weight),
         num_experts=1,
         capacity=layout.num_rows,
+        slot_token=None,
+        slot_weight=None,
     )
 
 
-def dropless_moe(groups, routing, experts, tile=1, training=False, implementation="auto"):
-    """groups [G, S, d] -> [G, S, d]: dispatch, experts and combine without
-    capacity. The hook for `MoE.route_and_compute` (capacity_factor=None).
+def dispatch_rows(x, routing, layout, kernels=False):
+    """x [G, S, d] -> rows [N, d] (0 for padding rows).
 
-    With the custom-call grouped matmul, rows also move through the
-    custom-call dispatch/combine kernels where they run (N static): their
-    adjoints are gathers, where XLA's gather gradients are scatter-adds."""
-    layout = dropless_layout(routing, tile)
-    implementation = resolve_implementation(implementation)
-    if (
-        implementation == "custom_call"
-        and isinstance(layout.num_rows, int)
-        and custom_call.is_available()
-    ):
-        g, s, d = groups.shape
-        row_routing = _row_routing(routing, layout)
-        rows = custom_call.custom_call_dispatch(ops.reshape(groups, (1, -1, d)), row_routing)
-        out_rows = experts_on_rows(
-            experts, ops.reshape(rows, (-1, d)), layout, training, implementation
+    Args:
+        kernels: move the rows with the custom-call dispatch kernel (needs a
+            static N: its adjoint is a gather, where XLA's gather gradient is
+            a scatter-add); else a `keras.ops` gather.
+    """
+    d = x.shape[-1]
+    if kernels:
+        rows = custom_call.custom_call_dispatch(
+            ops.reshape(x, (1, -1, d)), _row_routing(routing, layout)
         )
+        return ops.reshape(rows, (-1, d))
+    return dropless_dispatch(x, layout)
+
+
+def combine_rows(out_rows, routing, layout, kernels=False):
+    """out_rows [N, d] -> y [G, S, d]; `kernels` as for `dispatch_rows`."""
+    if kernels:
+        s, d = routing.expert_index.shape[1], out_rows.shape[-1]
         y = custom_call.custom_call_combine(
-            ops.reshape(out_rows, (1, 1, -1, d)), row_routing
+            ops.reshape(out_rows, (1, 1, -1, d)), _row_routing(routing, layout)
         )
         return ops.reshape(y, (-1, s, d))
-    rows = dropless_dispatch(groups, layout)
-    out_rows = experts_on_rows(experts, rows, layout, training, implementation)
     return dropless_combine(out_rows, routing, layout)

@@ -17,12 +17,13 @@ last segment, whose rows give 0). Implementations:
 - "reference": any backend, a per-tile weight gather (memory
   O(N / tile * a * b): small sizes only).
 
-The libraries are searched in `dropless_library_dirs()`; build them with
-`bazel build //tf_moe/ops/cc_dropless:all`.
+The libraries are found and loaded by `tf_moe.ops.library` (`LIBRARY`);
+build them with `bazel build //tf_moe/ops/cc_dropless:all`.
 
-Owns: the grouped matmul, loading its libraries, its gradients. Does not own:
-the layout (`tf_moe.ops.dropless`), expert weights (`tf_moe.layers.Experts`),
-the C++ math (`cc_dropless/grouped_matmul_core.h`).
+Owns: the grouped matmul and its gradients. Does not own: the layout
+(`tf_moe.ops.dropless`), expert weights and math (`tf_moe.layers.Experts`),
+loading (`tf_moe.ops.library`), the C++ math
+(`cc_dropless/grouped_matmul_core.h`).
 
 Shape letters: N rows, a input dim, b output dim, E experts.
 """
@@ -32,12 +33,7 @@ import functools
 import keras
 from keras import ops
 
-from tf_moe.ops.custom_call import (
-    CustomCallUnavailableError,
-    find_library,
-    library_dirs,
-    load_tf_op_library,
-)
+from tf_moe.ops.library import CustomCallUnavailableError, NativeLibrary, jax_platform
 
 
 def row_expert(layout):
@@ -50,14 +46,6 @@ DROPLESS_LIBRARY = "libtf_moe_dropless_ffi.so"
 DROPLESS_TF_LIBRARY = "libtf_moe_dropless_ops.so"
 DROPLESS_CUDA_LIBRARY = "libtf_moe_dropless_ffi_cuda.so"
 
-# XLA FFI targets and their handler symbols (without the platform suffix).
-_TARGETS = {
-    "tf_moe_grouped_matmul": "TfMoeGroupedMatmul",
-    "tf_moe_grouped_matmul_kernel_grad": "TfMoeGroupedMatmulKernelGrad",
-}
-# d rows and d kernel in one call (saves a stream synchronization on GPUs).
-_CUDA_ONLY_TARGETS = {"tf_moe_grouped_matmul_grad": "TfMoeGroupedMatmulGrad"}
-
 BUILD_HINT = (
     "Build the grouped-matmul libraries from the repository root with "
     "`bazel build //tf_moe/ops/cc_dropless:all` (add "
@@ -69,36 +57,8 @@ BUILD_HINT = (
 )
 
 
-def dropless_library_dirs():
-    """Directories searched for the grouped-matmul libraries: those of
-    `custom_call.library_dirs` for `tf_moe/ops/cc_dropless`."""
-    return library_dirs("cc_dropless")
-
-
-def _require_library(name):
-    path = find_library(name, dropless_library_dirs())
-    if path is None:
-        raise CustomCallUnavailableError(
-            f"grouped_matmul(implementation='custom_call') needs {name}, which "
-            f"was not found in {dropless_library_dirs()}. {BUILD_HINT}"
-        )
-    return path
-
-
-# ---------------------------------------------------------------------------
-# TensorFlow.
-
-
-@functools.lru_cache(maxsize=None)
-def _tf_grouped_matmul():
-    """The loaded TF op library; registers the gradients (once)."""
+def _register_tf_gradients(lib):
     import tensorflow as tf
-
-    lib = load_tf_op_library(
-        lambda: _require_library(DROPLESS_TF_LIBRARY),
-        "grouped_matmul(implementation='custom_call')",
-        "implementation='reference'", BUILD_HINT,
-    )
 
     @tf.RegisterGradient("TfMoeGroupedMatmul")
     def _grouped_matmul_grad(op, grad):
@@ -116,13 +76,36 @@ def _tf_grouped_matmul():
             d_kernel = lib.tf_moe_grouped_matmul_kernel_grad(rows, grad, group_sizes)
         return [d_rows, d_kernel, None]
 
-    return lib
+
+LIBRARY = NativeLibrary(
+    feature="grouped_matmul(implementation='custom_call')",
+    alternative="implementation='ragged_dot' or 'reference'",
+    package="cc_dropless",
+    tf_library=DROPLESS_TF_LIBRARY,
+    host_library=DROPLESS_LIBRARY,
+    cuda_library=DROPLESS_CUDA_LIBRARY,
+    # XLA FFI targets and their handler symbols (without the platform suffix).
+    targets={
+        "tf_moe_grouped_matmul": "TfMoeGroupedMatmul",
+        "tf_moe_grouped_matmul_kernel_grad": "TfMoeGroupedMatmulKernelGrad",
+    },
+    # d rows and d kernel in one call (saves a stream synchronization on GPUs).
+    cuda_targets={"tf_moe_grouped_matmul_grad": "TfMoeGroupedMatmulGrad"},
+    build_hint=BUILD_HINT,
+    register_tf_gradients=_register_tf_gradients,
+)
+require_available = LIBRARY.require_available
+is_available = LIBRARY.is_available
+
+
+# ---------------------------------------------------------------------------
+# TensorFlow.
 
 
 def _tf_call(rows, kernel, group_sizes):
     import tensorflow as tf
 
-    return _tf_grouped_matmul().tf_moe_grouped_matmul(
+    return LIBRARY.tf_ops().tf_moe_grouped_matmul(
         rows, kernel, tf.cast(group_sizes, tf.int32)
     )
 
@@ -131,48 +114,13 @@ def _tf_call(rows, kernel, group_sizes):
 # JAX.
 
 
-def _jax_platform():
-    import jax
-
-    return jax.default_backend()
-
-
-@functools.lru_cache(maxsize=None)
-def _jax_register(platform):
-    """Registers the FFI targets for JAX `platform` ("cpu": the Host
-    handlers; "gpu": the cuBLAS handlers of the nvcc-built CUDA library), once."""
-    import ctypes
-
-    import jax
-
-    if platform == "cpu":
-        library, suffix, xla_platform = DROPLESS_LIBRARY, "Host", "cpu"
-    elif platform in ("gpu", "cuda"):
-        library, suffix, xla_platform = DROPLESS_CUDA_LIBRARY, "Cuda", "CUDA"
-    else:
-        raise CustomCallUnavailableError(
-            "grouped_matmul(implementation='custom_call') runs on CPU and CUDA "
-            f"GPUs. Received: JAX platform {platform!r}. Use implementation="
-            "'ragged_dot' or 'reference'."
-        )
-    lib = ctypes.cdll.LoadLibrary(_require_library(library))
-    targets = dict(_TARGETS)
-    if suffix == "Cuda":
-        targets.update(_CUDA_ONLY_TARGETS)
-    for target, symbol in targets.items():
-        jax.ffi.register_ffi_target(
-            target, jax.ffi.pycapsule(getattr(lib, symbol + suffix)), platform=xla_platform
-        )
-    return True
-
-
 def _jax_ffi_grouped_matmul(rows, kernel, group_sizes, transpose_kernel=False):
     """The FFI call: rows [N, a], kernel [E, a, b] ([E, b, a] transposed),
     group_sizes <int32>[E] -> [N, b]. No gradient."""
     import jax
     import numpy as np
 
-    _jax_register(_jax_platform())
+    LIBRARY.register_jax()
     out_dim = kernel.shape[1] if transpose_kernel else kernel.shape[2]
     return jax.ffi.ffi_call(
         "tf_moe_grouped_matmul", jax.ShapeDtypeStruct((rows.shape[0], out_dim), rows.dtype)
@@ -184,7 +132,7 @@ def _jax_ffi_kernel_grad(rows, grad, group_sizes):
     [E, a, b] = rows_e^T grad_e per segment. No gradient."""
     import jax
 
-    _jax_register(_jax_platform())
+    LIBRARY.register_jax()
     shape = (group_sizes.shape[0], rows.shape[1], grad.shape[1])
     return jax.ffi.ffi_call(
         "tf_moe_grouped_matmul_kernel_grad", jax.ShapeDtypeStruct(shape, rows.dtype)
@@ -207,7 +155,7 @@ def _jax_grouped_matmul():
     def grouped_bwd(residuals, grad):
         rows, kernel, group_sizes = residuals
         grad = grad.astype(rows.dtype)
-        if _jax_platform() in ("gpu", "cuda"):
+        if jax_platform() == "gpu":
             # One call for both (one read of group_sizes; the GEMMs of both
             # run together over the CUDA streams).
             d_rows, d_kernel = jax.ffi.ffi_call(
@@ -234,44 +182,6 @@ def _jax_call(rows, kernel, group_sizes):
 # Public API.
 
 _CUSTOM_CALLS = {"tensorflow": _tf_call, "jax": _jax_call}
-
-
-def require_available():
-    """Loads (and registers) the custom-call library for the current Keras
-    backend and device.
-
-    Raises:
-        CustomCallUnavailableError: with the reason and how to build it.
-    """
-    backend = keras.backend.backend()
-    if backend == "tensorflow":
-        _tf_grouped_matmul()
-    elif backend == "jax":
-        _jax_register(_jax_platform())
-    else:
-        raise CustomCallUnavailableError(
-            "grouped_matmul(implementation='custom_call') supports the "
-            f"'tensorflow' and 'jax' Keras backends. Received: backend={backend!r}"
-        )
-
-
-@functools.lru_cache(maxsize=None)
-def _available(backend, platform):
-    del backend, platform  # cache keys
-    try:
-        require_available()
-    except CustomCallUnavailableError:
-        return False
-    return True
-
-
-def is_available():
-    """Whether grouped_matmul(implementation='custom_call') can run with the
-    current Keras backend on its default device: TensorFlow on CPU, or JAX on
-    CPU or a CUDA GPU, with the library built and loadable."""
-    backend = keras.backend.backend()
-    platform = _jax_platform() if backend == "jax" else None
-    return _available(backend, platform)
 
 
 def resolve_implementation(implementation):

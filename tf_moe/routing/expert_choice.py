@@ -3,8 +3,10 @@ Choice Routing").
 
 Router scores are a softmax over experts; each expert takes the C tokens of its
 group with the highest score for it, so every expert is exactly full and a
-token may be processed by 0 to E experts. Expressed in the token-major
-`Routing` contract with k = E (choice j of a token is expert j).
+token may be processed by 0 to E experts. The `Routing` is slot-major
+(`Routing.from_slots`: the slot -> token index the rule produces), so
+dispatch moves E * C rows per group; its token-major view has k = E (choice j
+of a token is expert j).
 
 Shape letters: G groups, S tokens per group, E experts, C capacity.
 """
@@ -24,24 +26,22 @@ def expert_choice_routing(router_probs, capacity, token_mask):
         token_mask: <bool>[G, S]; padding tokens are never chosen.
 
     Returns:
-        (position <int32>[G, S, E] rank of the token in expert e's choice,
-         chosen <bool>[G, S, E], weights <float32>[G, S, E] the token's
-         probability for expert e where chosen, else 0).
+        A slot-major `Routing` (`Routing.from_slots`): slot c of expert e
+        holds its c-th best token, with that token's probability for e as
+        combine weight; slots left empty (fewer than C real tokens) hold S.
     """
     group_size = router_probs.shape[1]
     # Padding scores -1, below any probability, and is masked out below.
     scores = ops.where(token_mask[..., None], router_probs, -1.0)  # [G, S, E]
     # Shape: [G, E, C]
     top_scores, top_token = ops.top_k(ops.transpose(scores, (0, 2, 1)), capacity)
-    valid = ops.cast(top_scores >= 0.0, "int32")  # [G, E, C]
-    # Shape: [G, E, C, S]; one-hot of the chosen token of every slot.
-    slot_token = ops.one_hot(top_token, group_size, dtype="int32") * valid[..., None]
-    rank = ops.arange(1, capacity + 1, dtype="int32")  # [C]
-    # Shape: [G, S, E]; slot + 1 of the token in expert e, 0 when not chosen.
-    slot_plus_one = ops.einsum("gecs,c->gse", slot_token, rank)
-    chosen = slot_plus_one > 0
-    weights = ops.where(chosen, router_probs, 0.0)
-    return slot_plus_one - 1, chosen, weights
+    filled = top_scores >= 0.0
+    return Routing.from_slots(
+        slot_token=ops.where(filled, ops.cast(top_token, "int32"), group_size),
+        slot_weight=ops.where(filled, top_scores, 0.0),
+        token_mask=token_mask,
+        router_probs=router_probs,
+    )
 
 
 @keras.saving.register_keras_serializable(package="tf_moe")
@@ -85,22 +85,4 @@ class ExpertChoiceRouter(Router):
 
     def _route(self, x, logits, capacity, token_mask, training):
         router_probs = ops.softmax(logits, axis=-1)  # [G, S, E]
-        position, chosen, weights = expert_choice_routing(
-            router_probs, capacity, token_mask
-        )
-        # Shape: [G, S, E]; choice j of every token is expert j.
-        expert_index = ops.broadcast_to(
-            ops.arange(self.num_experts, dtype="int32"), ops.shape(router_probs)
-        )
-        return Routing(
-            expert_index=expert_index,
-            position=position,
-            dispatch_mask=chosen,
-            combine_weight=weights,
-            requested_mask=chosen,
-            token_mask=token_mask,
-            router_probs=router_probs,
-            aux_losses={},
-            num_experts=self.num_experts,
-            capacity=capacity,
-        )
+        return expert_choice_routing(router_probs, capacity, token_mask)

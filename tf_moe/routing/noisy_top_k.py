@@ -9,14 +9,32 @@ Shape letters: G groups, S tokens per group, d model dim, E experts, k choices.
 """
 
 import math
+from typing import NamedTuple
 
 import keras
 from keras import ops
 
-from tf_moe.routing import capacity as capacity_lib
 from tf_moe.routing import losses
 from tf_moe._validation import check_k, check_non_negative
 from tf_moe.routing.router import Router, Routing
+
+
+class NoisyGates(NamedTuple):
+    """The noisy top-k gates of a batch of groups.
+
+    Attributes:
+        expert_index: <int32>[G, S, k] the k experts of each token.
+        gates: <float32>[G, S, k] their gate values (softmax of the kept
+            noisy logits).
+        dense_gates: <float32>[G, S, E] G(x): the gates scattered over all
+            experts, 0 for experts not kept (input of the importance loss).
+        load_probs: <float32>[G, S, E] P(x, i) (input of the load loss).
+    """
+
+    expert_index: object
+    gates: object
+    dense_gates: object
+    load_probs: object
 
 
 def _normal_cdf(x):
@@ -33,76 +51,69 @@ def noisy_top_k_gates(clean_logits, noise_stddev, noise, k):
         k: int in [1, E].
 
     Returns:
-        (expert_index <int32>[G, S, k], gates <float32>[G, S, k],
-         dense_gates <float32>[G, S, E], load_probs <float32>[G, S, E]).
-        With noise, load_probs is P(x, i) = Phi((clean_i - kth_excluding(H, k, i))
-        / stddev_i), which is differentiable in W_g and W_noise; without noise,
-        it is the 0/1 indicator of selection (Shazeer 2017, appendix A).
+        `NoisyGates`. With noise, load_probs is P(x, i) = Phi((clean_i -
+        kth_excluding(H, k, i)) / stddev_i), which is differentiable in W_g and
+        W_noise; without noise, it is the 0/1 indicator of selection
+        (Shazeer 2017, appendix A).
     """
     num_experts = clean_logits.shape[-1]
     noisy = clean_logits if noise is None else clean_logits + noise * noise_stddev
     # Shape: [G, S, min(k + 1, E)]; the (k+1)-th value is the threshold for
     # experts already in the top k.
     top_values, top_index = ops.top_k(noisy, min(k + 1, num_experts))
-    expert_index = top_index[..., :k]  # [G, S, k]
+    expert_index = ops.cast(top_index[..., :k], "int32")  # [G, S, k]
     # Shape: [G, S, k]; softmax over one value is 1 (said without a warning).
     if k == 1:
         gates = ops.ones_like(top_values[..., :1])
     else:
         gates = ops.softmax(top_values[..., :k], axis=-1)
     # Shape: [G, S, E]
-    dense_gates = ops.einsum(
-        "gske,gsk->gse", ops.one_hot(expert_index, num_experts), gates
-    )
-    selected = ops.sum(ops.one_hot(expert_index, num_experts), axis=2)  # [G, S, E]
+    onehot = ops.one_hot(expert_index, num_experts)  # [G, S, k, E]
+    dense_gates = ops.einsum("gske,gsk->gse", onehot, gates)
+    selected = ops.sum(onehot, axis=2)  # [G, S, E]
     if noise is None or k >= num_experts:
-        return expert_index, gates, dense_gates, selected
+        return NoisyGates(expert_index, gates, dense_gates, selected)
     threshold_if_in = top_values[..., k : k + 1]  # [G, S, 1]
     threshold_if_out = top_values[..., k - 1 : k]  # [G, S, 1]
     is_in = noisy > threshold_if_in  # [G, S, E]
     threshold = ops.where(is_in, threshold_if_in, threshold_if_out)
     load_probs = _normal_cdf((clean_logits - threshold) / noise_stddev)
-    return expert_index, gates, dense_gates, load_probs
+    return NoisyGates(expert_index, gates, dense_gates, load_probs)
 
 
-
-def noisy_top_k_routing(clean_logits, noise_stddev, noise, k, capacity, token_mask):
+def noisy_top_k_routing(clean_logits, gates, capacity, token_mask,
+                        importance_loss_weight=0.0, load_loss_weight=0.0):
     """Noisy top-k gates placed into expert buffers of `capacity` slots.
 
     Args:
-        clean_logits, noise_stddev, noise, k: as for `noisy_top_k_gates`.
+        clean_logits: <float32>[G, S, E] x W_g.
+        gates: the `NoisyGates` of `clean_logits` (`noisy_top_k_gates`).
         capacity: int, C.
         token_mask: <bool>[G, S] real tokens.
+        importance_loss_weight, load_loss_weight: floats >= 0; a loss with
+            weight 0 (default) is left out of `aux_losses`.
 
     Returns:
-        (routing, dense_gates <float32>[G, S, E], load_probs <float32>[G, S, E]):
-        a `Routing` without auxiliary losses, plus the inputs of the importance
-        and load losses.
+        A `Routing` (`Routing.from_choices`, token order within each rank).
     """
-    expert_index, gates, dense_gates, load_probs = noisy_top_k_gates(
-        clean_logits, noise_stddev, noise, k
-    )
-    expert_index = ops.cast(expert_index, "int32")
-    num_experts = clean_logits.shape[-1]
     # Shape: [G, S, k]
     requested = ops.logical_and(
-        token_mask[..., None], ops.ones_like(expert_index, dtype="bool")
+        token_mask[..., None], ops.ones_like(gates.expert_index, dtype="bool")
     )
-    position = capacity_lib.assign_positions(expert_index, requested, num_experts)
-    kept = capacity_lib.apply_capacity(position, requested, capacity)
-    routing = Routing(
-        expert_index=expert_index,
-        position=position,
-        dispatch_mask=kept,
-        combine_weight=ops.where(kept, gates, 0.0),
-        requested_mask=requested,
-        token_mask=token_mask,
-        router_probs=ops.softmax(clean_logits, axis=-1),
-        aux_losses={},
-        num_experts=num_experts,
-        capacity=capacity,
+    aux_losses = {}
+    if importance_loss_weight > 0:
+        aux_losses["importance_loss"] = importance_loss_weight * (
+            losses.importance_loss(gates.dense_gates, token_mask)
+        )
+    if load_loss_weight > 0:
+        aux_losses["load_loss"] = load_loss_weight * losses.load_loss(
+            gates.load_probs, token_mask
+        )
+    return Routing.from_choices(
+        gates.expert_index, gates.gates, requested, token_mask,
+        ops.softmax(clean_logits, axis=-1), capacity, aux_losses=aux_losses,
     )
-    return routing, dense_gates, load_probs
+
 
 @keras.saving.register_keras_serializable(package="tf_moe")
 class NoisyTopKRouter(Router):
@@ -156,35 +167,37 @@ class NoisyTopKRouter(Router):
     def build(self, input_shape):
         super().build(input_shape)
         check_k(self.k, self.num_experts)
-        self.noise_kernel = self.add_weight(
-            name="noise_kernel",
-            shape=(input_shape[-1], self.num_experts),
-            initializer=self.kernel_initializer,
-            autocast=False,
-        )
+        self.noise_kernel = self.add_gate_kernel("noise_kernel", input_shape)
 
-    def _route(self, x, logits, capacity, token_mask, training):
+    def noisy_gates(self, x, logits, training):
+        """The `NoisyGates` of `logits` [G, S, E] (of float32 inputs `x` as
+        given to `route`): noise eps * (softplus(x W_noise) + epsilon) in
+        training only."""
         noise_stddev = noise = None
         if training:
             # Shape: [G, S, E]
             noise_stddev = (
-                ops.softplus(ops.einsum("gsd,de->gse", x, self.noise_kernel))
-                + self.noise_epsilon
+                ops.softplus(self.gate_logits(x, self.noise_kernel)) + self.noise_epsilon
             )
             noise = keras.random.normal(ops.shape(logits), seed=self.seed_generator)
-        routing, dense_gates, load_probs = noisy_top_k_routing(
-            logits, noise_stddev, noise, self.k, capacity, token_mask
+        return noisy_top_k_gates(logits, noise_stddev, noise, self.k)
+
+    def route_with_gates(self, inputs, capacity, token_mask=None, training=False):
+        """`route`, and the `NoisyGates` it routed (hierarchical MoE computes
+        its losses from them). Returns (Routing, NoisyGates)."""
+        x, logits, token_mask = self._gate_inputs(inputs, token_mask, training)
+        gates = self.noisy_gates(x, logits, training)
+        routing = noisy_top_k_routing(
+            logits, gates, capacity, token_mask,
+            self.importance_loss_weight, self.load_loss_weight,
         )
-        aux_losses = {}
-        if self.importance_loss_weight > 0:
-            aux_losses["importance_loss"] = self.importance_loss_weight * (
-                losses.importance_loss(dense_gates, token_mask)
-            )
-        if self.load_loss_weight > 0:
-            aux_losses["load_loss"] = self.load_loss_weight * losses.load_loss(
-                load_probs, token_mask
-            )
-        return routing._replace(aux_losses=aux_losses)
+        return self._with_z_loss(routing, logits, token_mask), gates
+
+    def _route(self, x, logits, capacity, token_mask, training):
+        return noisy_top_k_routing(
+            logits, self.noisy_gates(x, logits, training), capacity, token_mask,
+            self.importance_loss_weight, self.load_loss_weight,
+        )
 
     @property
     def loss_names(self):

@@ -19,6 +19,7 @@ import keras
 from keras import ops
 
 from tf_moe._validation import check_non_negative, check_positive_int
+from tf_moe.routing import capacity as capacity_lib
 from tf_moe.routing import losses
 
 
@@ -27,8 +28,11 @@ class Routing(NamedTuple):
 
     A `NamedTuple` rather than a dataclass so that it passes through
     `tf.function`, `jax.jit` and `keras.tree` as a structure of tensors.
+    Build one with `Routing.from_choices` (token choice: each token's k
+    choices) or `Routing.from_slots` (expert choice: each expert's C slots);
+    every router does.
 
-    Attributes:
+    Token-major view (every routing has it):
         expert_index: <int32>[G, S, k] expert of each token's choice.
         position: <int32>[G, S, k] slot of each choice in its expert's buffer;
             meaningful only where `dispatch_mask` is true (it may be >= C
@@ -39,12 +43,22 @@ class Routing(NamedTuple):
             where `dispatch_mask` is false.
         requested_mask: <bool>[G, S, k] the router wanted this choice, before
             capacity was applied (for the dropped-fraction statistic).
+    Shared:
         token_mask: <bool>[G, S] real tokens (false for group padding).
         router_probs: <float32>[G, S, E] router probabilities (statistics).
         aux_losses: dict name -> <float32>[] weighted auxiliary losses; only
             losses with a nonzero weight appear.
         num_experts: int, E.
         capacity: int, C.
+    Slot-major view (`from_slots` only; None for token choice):
+        slot_token: <int32>[G, E, C] token (index s in its group) in each
+            expert slot; S for an empty slot.
+        slot_weight: <float32>[G, E, C] combine weight of each slot; 0 where
+            empty.
+    Dispatch paths that can move rows by slot use the slot-major view (work
+    O(E * C * d) per group); the token-major view of a `from_slots` routing
+    has k = E (choice j of every token is expert j) and costs O(S * E)
+    indices, no d.
     """
 
     expert_index: object
@@ -57,6 +71,106 @@ class Routing(NamedTuple):
     aux_losses: dict
     num_experts: int
     capacity: int
+    slot_token: object = None
+    slot_weight: object = None
+
+    @classmethod
+    def from_choices(cls, expert_index, weights, requested_mask, token_mask,
+                     router_probs, capacity, priority=None, aux_losses=None):
+        """A token-choice routing: slots assigned rank by rank, capacity applied.
+
+        Args:
+            expert_index: <int32>[G, S, k] each choice's expert.
+            weights: <float32>[G, S, k] each choice's gate value.
+            requested_mask: <bool>[G, S, k] choices the router wants (already
+                false for padding tokens).
+            token_mask: <bool>[G, S].
+            router_probs: <float32>[G, S, E].
+            capacity: int, C.
+            priority: <float32>[G, S] or None; see
+                `tf_moe.routing.capacity.assign_positions`.
+            aux_losses: dict of weighted losses, or None.
+        """
+        expert_index = ops.cast(expert_index, "int32")
+        num_experts = router_probs.shape[-1]
+        position = capacity_lib.assign_positions(
+            expert_index, requested_mask, num_experts, priority
+        )
+        kept = capacity_lib.apply_capacity(position, requested_mask, capacity)
+        return cls(
+            expert_index=expert_index,
+            position=position,
+            dispatch_mask=kept,
+            combine_weight=ops.where(kept, weights, 0.0),
+            requested_mask=requested_mask,
+            token_mask=token_mask,
+            router_probs=router_probs,
+            aux_losses=dict(aux_losses or {}),
+            num_experts=num_experts,
+            capacity=capacity,
+        )
+
+    @classmethod
+    def from_slots(cls, slot_token, slot_weight, token_mask, router_probs,
+                   aux_losses=None):
+        """An expert-choice routing from each expert's slots.
+
+        Args:
+            slot_token: <int32>[G, E, C] token of each slot, S where empty.
+                Each token appears at most once per expert.
+            slot_weight: <float32>[G, E, C], 0 where empty.
+            token_mask: <bool>[G, S].
+            router_probs: <float32>[G, S, E].
+            aux_losses: dict of weighted losses, or None.
+        """
+        num_groups = ops.shape(router_probs)[0]
+        group_size, num_experts = router_probs.shape[1:]
+        capacity = slot_token.shape[-1]
+        slot_token = ops.cast(slot_token, "int32")
+        filled = slot_token < group_size  # [G, E, C]
+        slot_weight = ops.where(filled, slot_weight, 0.0)
+        # Token-major view: choice (g, s, e) is slot c of expert e, found by
+        # scattering every filled slot to flat index (g * S + s) * E + e; the
+        # empty slots all land in one extra entry, sliced off.
+        group = ops.arange(num_groups, dtype="int32")[:, None, None]  # [G, 1, 1]
+        expert = ops.arange(num_experts, dtype="int32")[None, :, None]  # [1, E, 1]
+        num_choices = num_groups * group_size * num_experts
+        flat = ops.where(
+            filled, (group * group_size + slot_token) * num_experts + expert, num_choices
+        )
+        flat = ops.reshape(flat, (-1, 1))  # [G * E * C, 1]
+        slot = ops.broadcast_to(
+            ops.arange(1, capacity + 1, dtype="int32"), ops.shape(slot_token)
+        )  # [G, E, C], slot + 1
+
+        def to_choices(values):  # [G, E, C] -> [G, S, E]
+            scattered = ops.scatter(flat, ops.reshape(values, (-1,)), (num_choices + 1,))
+            return ops.reshape(scattered[:num_choices], (-1, group_size, num_experts))
+
+        position = to_choices(ops.where(filled, slot, 0)) - 1  # -1: not chosen
+        chosen = position >= 0
+        expert_index = ops.broadcast_to(
+            ops.arange(num_experts, dtype="int32"), ops.shape(position)
+        )
+        return cls(
+            expert_index=expert_index,
+            position=ops.cast(position, "int32"),
+            dispatch_mask=chosen,
+            combine_weight=to_choices(slot_weight),
+            requested_mask=chosen,
+            token_mask=token_mask,
+            router_probs=router_probs,
+            aux_losses=dict(aux_losses or {}),
+            num_experts=num_experts,
+            capacity=capacity,
+            slot_token=slot_token,
+            slot_weight=slot_weight,
+        )
+
+    @property
+    def slot_major(self):
+        """Whether this routing carries the slot-major view."""
+        return self.slot_token is not None
 
 
 def expert_capacity(
@@ -81,15 +195,20 @@ def expert_capacity(
 class Router(keras.layers.Layer):
     """Base router: gate kernel, float32 routing math, jitter noise, z-loss.
 
-    Subclasses implement `_route(x, logits, capacity, token_mask, training)`
-    and set `choices_per_token` (the k used for capacity). The routing math
-    always runs in float32, whatever the dtype policy (Switch Transformer:
-    bfloat16 routers diverge).
+    Subclasses implement `_route(x, logits, capacity, token_mask, training)
+    -> Routing` (one of the pure routing functions of their module) and set
+    `choices_per_token` (the k used for capacity). The routing math always
+    runs in float32, whatever the dtype policy (Switch Transformer: bfloat16
+    routers diverge).
 
     Args:
         num_experts: int >= 1, or None to let the `MoE` layer that uses this
             router set it (it uses a copy of this router bound to its
             `num_experts`).
+        num_gates: int >= 1 or None (default). With an int A, the router is a
+            bank of A independent gates (kernels [A, d, E]): `route` takes
+            inputs [A, G, S, d] and routes gate a's groups with gate a
+            (hierarchical MoE's secondary gates).
         jitter_noise: float >= 0, default 0. During training, multiplies the
             router inputs by Uniform(1 - jitter_noise, 1 + jitter_noise)
             (Switch Transformer).
@@ -101,7 +220,7 @@ class Router(keras.layers.Layer):
             "float32".
 
     Call arguments (`call`):
-        inputs: [..., d] token representations.
+        inputs: [..., d] token representations ([A, ..., d] for a bank).
     Returns the router logits [..., E] (float32). The full `Routing` comes from
     `route()`.
     """
@@ -119,12 +238,15 @@ class Router(keras.layers.Layer):
         z_loss_weight=1e-3,
         kernel_initializer="zeros",
         seed=None,
+        num_gates=None,
         **kwargs,
     ):
         kwargs.setdefault("dtype", "float32")
         super().__init__(**kwargs)
         if num_experts is not None:
             check_positive_int("num_experts", num_experts)
+        if num_gates is not None:
+            check_positive_int("num_gates", num_gates)
         check_non_negative("jitter_noise", jitter_noise)
         if jitter_noise >= 1:
             raise ValueError(
@@ -132,11 +254,22 @@ class Router(keras.layers.Layer):
             )
         check_non_negative("z_loss_weight", z_loss_weight)
         self.num_experts = num_experts
+        self.num_gates = num_gates
         self.jitter_noise = float(jitter_noise)
         self.z_loss_weight = float(z_loss_weight)
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.seed = seed
         self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def add_gate_kernel(self, name, input_shape):
+        """A float32 gate kernel [d, E] ([A, d, E] for a bank of A gates)."""
+        shape = (input_shape[-1], self.num_experts)
+        if self.num_gates is not None:
+            shape = (self.num_gates,) + shape
+        # Never autocast: routing math stays float32 under mixed precision.
+        return self.add_weight(
+            name=name, shape=shape, initializer=self.kernel_initializer, autocast=False
+        )
 
     def build(self, input_shape):
         if self.num_experts is None:
@@ -145,35 +278,46 @@ class Router(keras.layers.Layer):
                 "router, or use the router inside a `tf_moe.layers.MoE` layer. "
                 "Received: num_experts=None"
             )
-        d = input_shape[-1]
-        # Never autocast: routing math stays float32 under mixed precision.
-        self.kernel = self.add_weight(
-            name="kernel",
-            shape=(d, self.num_experts),
-            initializer=self.kernel_initializer,
-            autocast=False,
-        )
+        self.kernel = self.add_gate_kernel("kernel", input_shape)
+
+    def gate_logits(self, x, kernel):
+        """x [G, S, d] @ kernel [d, E] -> [G, S, E]; for a bank, x [A, G, S, d]
+        @ kernel [A, d, E] -> [A * G, S, E] (gate a's groups first)."""
+        if self.num_gates is None:
+            return ops.einsum("gsd,de->gse", x, kernel)
+        logits = ops.einsum("agsd,ade->agse", x, kernel)  # [A, G, S, E]
+        return ops.reshape(logits, (-1,) + tuple(logits.shape[2:]))
 
     def call(self, inputs):
-        return ops.matmul(ops.cast(inputs, "float32"), self.kernel)
+        if self.num_gates is None:
+            return ops.matmul(ops.cast(inputs, "float32"), self.kernel)
+        return ops.einsum("a...d,ade->a...e", ops.cast(inputs, "float32"), self.kernel)
 
     def route(self, inputs, capacity, token_mask=None, training=False):
         """Routes groups of tokens.
 
         Args:
-            inputs: [G, S, d] token groups (any float dtype).
+            inputs: [G, S, d] token groups (any float dtype); [A, G, S, d]
+                for a bank of A gates.
             capacity: int >= 1, slots per expert per group (C).
-            token_mask: <bool>[G, S] real tokens, or None for all.
+            token_mask: <bool>[G, S] ([A, G, S]) real tokens, or None for all.
             training: bool; noise and jitter apply only when true.
 
         Returns:
-            A `Routing`.
+            A `Routing` over [G, S] groups ([A * G, S] for a bank).
         """
+        x, logits, token_mask = self._gate_inputs(inputs, token_mask, training)
+        routing = self._route(x, logits, capacity, token_mask, bool(training))
+        return self._with_z_loss(routing, logits, token_mask)
+
+    def _gate_inputs(self, inputs, token_mask, training):
+        """(float32 inputs after jitter, logits [G, S, E], token_mask [G, S])."""
         if not self.built:
             self.build(inputs.shape)
-        x = ops.cast(inputs, "float32")  # [G, S, d]
+        x = ops.cast(inputs, "float32")  # [G, S, d] or [A, G, S, d]
         if token_mask is None:
-            token_mask = ops.ones(ops.shape(x)[:2], dtype="bool")
+            token_mask = ops.ones(ops.shape(x)[:-1], dtype="bool")
+        token_mask = ops.reshape(token_mask, (-1, x.shape[-2]))  # [G, S]
         if training and self.jitter_noise > 0:
             x = x * keras.random.uniform(
                 ops.shape(x),
@@ -181,16 +325,17 @@ class Router(keras.layers.Layer):
                 maxval=1.0 + self.jitter_noise,
                 seed=self.seed_generator,
             )
-        logits = ops.einsum("gsd,de->gse", x, self.kernel)  # [G, S, E]
-        routing = self._route(x, logits, capacity, token_mask, bool(training))
-        if self.z_loss_weight > 0:
-            z_loss = self.z_loss_weight * losses.router_z_loss(logits, token_mask)
-            routing = routing._replace(
-                aux_losses={**routing.aux_losses, "z_loss": z_loss}
-            )
-        return routing
+        return x, self.gate_logits(x, self.kernel), token_mask
+
+    def _with_z_loss(self, routing, logits, token_mask):
+        if self.z_loss_weight <= 0:
+            return routing
+        z_loss = self.z_loss_weight * losses.router_z_loss(logits, token_mask)
+        return routing._replace(aux_losses={**routing.aux_losses, "z_loss": z_loss})
 
     def _route(self, x, logits, capacity, token_mask, training):
+        """x: the (jittered) float32 inputs as given to `route`; logits,
+        token_mask: [G, S, E], [G, S] -> a `Routing` (without the z-loss)."""
         raise NotImplementedError
 
     def experts_per_token(self, capacity_factor):
@@ -208,6 +353,7 @@ class Router(keras.layers.Layer):
         config.update(
             {
                 "num_experts": self.num_experts,
+                "num_gates": self.num_gates,
                 "jitter_noise": self.jitter_noise,
                 "z_loss_weight": self.z_loss_weight,
                 "kernel_initializer": keras.initializers.serialize(

@@ -13,7 +13,6 @@ Shape letters: G groups, S tokens per group, E experts, k choices.
 import keras
 from keras import ops
 
-from tf_moe.routing import capacity as capacity_lib
 from tf_moe.routing import losses
 from tf_moe._validation import check_choice, check_k, check_non_negative
 from tf_moe.routing.router import Router, Routing
@@ -29,6 +28,7 @@ def top_k_routing(
     keep_second=None,
     normalize_weights=False,
     batch_prioritized=False,
+    balance_loss_weight=0.0,
 ):
     """Token-choice routing of router probabilities.
 
@@ -42,13 +42,12 @@ def top_k_routing(
         normalize_weights: renormalize the k kept probabilities to sum to 1.
         batch_prioritized: order tokens by top-1 probability, not position,
             when filling capacity.
+        balance_loss_weight: float >= 0, alpha of the Switch/GShard balance
+            loss; 0 (default) leaves it out of `aux_losses`.
 
     Returns:
-        (expert_index <int32>[G, S, k], weights <float32>[G, S, k],
-         position <int32>[G, S, k], requested <bool>[G, S, k],
-         kept <bool>[G, S, k]).
+        A `Routing` (`Routing.from_choices`).
     """
-    num_experts = router_probs.shape[-1]
     weights, expert_index = ops.top_k(router_probs, k)  # [G, S, k]
     expert_index = ops.cast(expert_index, "int32")
     # Batch-prioritized routing orders by top-1 probability, before any
@@ -63,11 +62,15 @@ def top_k_routing(
     if keep_second is not None:
         keep = ops.stack([ops.ones_like(keep_second), keep_second], axis=-1)
         requested = ops.logical_and(requested, keep)
-    position = capacity_lib.assign_positions(
-        expert_index, requested, num_experts, priority
+    aux_losses = {}
+    if balance_loss_weight > 0:
+        aux_losses["balance_loss"] = balance_loss_weight * losses.balance_loss(
+            router_probs, expert_index[..., 0], token_mask
+        )
+    return Routing.from_choices(
+        expert_index, weights, requested, token_mask, router_probs, capacity,
+        priority=priority, aux_losses=aux_losses,
     )
-    kept = capacity_lib.apply_capacity(position, requested, capacity)
-    return expert_index, weights, position, requested, kept
 
 
 @keras.saving.register_keras_serializable(package="tf_moe")
@@ -147,7 +150,7 @@ class TopKRouter(Router):
                 ops.shape(token_mask), seed=self.seed_generator
             )  # [G, S]
             keep_second = draw < 2.0 * top2[..., 1] / ops.sum(top2, axis=-1)
-        expert_index, weights, position, requested, kept = top_k_routing(
+        return top_k_routing(
             router_probs,
             self.k,
             capacity,
@@ -155,23 +158,7 @@ class TopKRouter(Router):
             keep_second=keep_second,
             normalize_weights=self.normalize_weights,
             batch_prioritized=self.batch_prioritized_routing,
-        )
-        aux_losses = {}
-        if self.balance_loss_weight > 0:
-            aux_losses["balance_loss"] = self.balance_loss_weight * (
-                losses.balance_loss(router_probs, expert_index[..., 0], token_mask)
-            )
-        return Routing(
-            expert_index=expert_index,
-            position=position,
-            dispatch_mask=kept,
-            combine_weight=ops.where(kept, weights, 0.0),
-            requested_mask=requested,
-            token_mask=token_mask,
-            router_probs=router_probs,
-            aux_losses=aux_losses,
-            num_experts=self.num_experts,
-            capacity=capacity,
+            balance_loss_weight=self.balance_loss_weight,
         )
 
     @property
