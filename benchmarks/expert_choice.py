@@ -17,8 +17,8 @@ Model Garden needs its own environment (its pins conflict with TF 2.21):
     KERAS_BACKEND=tensorflow python benchmarks/expert_choice.py \
         --model-garden-python /tmp/mg/bin/python --rounds 3
 
-Each round runs our rows (dense, einsum, gather, custom_call, auto) in one
-process and Model Garden's in another, one after the other, so that the
+Each round runs our rows (dense; "experts": the expert FFNs alone on their
+capacity buffers; einsum, gather, custom_call, auto) in one process and Model Garden's in another, one after the other, so that the
 machine's load is shared; the table gives each row's median over rounds and
 its ratio to the dense FFN of the same round. Writes JSON (--json).
 """
@@ -37,7 +37,7 @@ import numpy as np
 from timing import time_step
 
 BATCH, SEQ, D, H, E, CAPACITY_FACTOR = 8, 512, 256, 1024, 16, 1.25
-OURS = ("dense", "einsum", "gather", "custom_call", "auto")
+OURS = ("dense", "experts", "einsum", "gather", "custom_call", "auto")
 
 
 def _capacity():
@@ -78,6 +78,11 @@ def ours(path):
             [keras.layers.Dense(H, activation="relu"), keras.layers.Dense(D)]
         )
         shape = (rows, D)
+    elif path == "experts":
+        # The E expert FFNs alone on their [E, G, C, d] buffers (no routing,
+        # no dispatch): the floor of any layer with separate expert GEMMs.
+        model = tf_moe.layers.Experts(E, H)
+        shape = (E, BATCH, _capacity(), D)
     else:
         model = tf_moe.layers.MoE(
             num_experts=E,

@@ -234,10 +234,11 @@ def np_combine_grads(expert_outputs, cotangent, r, weight=None):
 
 
 def np_slot_owner(r, groups, group_size):
+    """[G, E * C] token s in its group of each slot e * C + c; S if empty."""
     num_experts, capacity = r["num_experts"], r["capacity"]
-    owner = np.full(groups * num_experts * capacity, groups * group_size)
+    owner = np.full((groups, num_experts * capacity), group_size)
     for g, s, _, e, c in routed_choices(r):
-        owner[(g * num_experts + e) * capacity + c] = g * group_size + s
+        owner[g, e * capacity + c] = s
     return owner
 
 
@@ -476,7 +477,7 @@ class DispatchTest(parameterized.TestCase):
         self.assertEqual(int(mask.sum()), len(slots))
         for g, s, _, ex, cx in routed_choices(r):
             self.assertTrue(mask[ex, g, cx])
-            self.assertEqual(owner[(g * e + ex) * c + cx], g * group_size + s)
+            self.assertEqual(owner[g, ex * c + cx], s)
         # Each expert holds at most C choices per group.
         for g in range(groups):
             for ex in range(e):

@@ -44,8 +44,13 @@ def activate(activation, hidden, gate=None):
 
 
 def _buffer_matmul(x, kernel):
-    """[E, G, C, a] @ [E, a, b] -> [E, G, C, b]."""
-    return ops.einsum("egca,eab->egcb", x, kernel)
+    """[E, n, a] @ [E, a, b] -> [E, n, b]."""
+    return ops.einsum("ena,eab->enb", x, kernel)
+
+
+def _buffer_bias(bias):
+    """bias [E, 1, 1, b] -> [E, 1, b], for buffers flattened to [E, n, b]."""
+    return ops.reshape(bias, (bias.shape[0], 1, bias.shape[-1]))
 
 
 def _row_bias(bias, layout):
@@ -150,7 +155,11 @@ class Experts(keras.layers.Layer):
 
     def call(self, inputs, training=None):
         """Capacity buffers [E, G, C, d] -> [E, G, C, d]."""
-        return self.ffn(inputs, self.params, _buffer_matmul, lambda b: b, training)
+        # Shape: [E, G * C, d]. One row axis: XLA on CPU adds and reduces a
+        # [E, 1, b] bias over it much faster than over (G, C).
+        rows = ops.reshape(inputs, (self.num_experts, -1, inputs.shape[-1]))
+        outputs = self.ffn(rows, self.params, _buffer_matmul, _buffer_bias, training)
+        return ops.reshape(outputs, ops.shape(inputs))
 
     def on_rows(self, rows, layout, training=False, implementation="auto", params=None):
         """Expert-sorted rows [N, d] -> [N, d], the same FFNs by grouped matmuls.

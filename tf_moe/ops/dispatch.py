@@ -24,9 +24,9 @@ Shape letters: G groups, S tokens per group, d model dim, E experts,
 C capacity, k choices per token.
 """
 
-import keras
 from keras import ops
 
+from tf_moe._groups import scatter_add_per_group, take_per_group
 from tf_moe.ops import custom_call
 
 DISPATCH_METHODS = ("auto", "einsum", "gather", "custom_call")
@@ -49,7 +49,7 @@ def _combine_tensor(routing, weighted):
 
 def _slot_onehot(routing, dtype):
     """[G, E, C, S] one-hot of each slot's token (all 0 for empty slots)."""
-    return ops.one_hot(routing.slot_token, routing.token_mask.shape[-1], dtype=dtype)
+    return ops.one_hot(routing.slot_token, routing.expert_index.shape[1], dtype=dtype)
 
 
 def einsum_dispatch(x, routing):
@@ -72,114 +72,75 @@ def einsum_combine(expert_outputs, routing):
     return ops.einsum("gsec,egcd->gsd", combine, expert_outputs)
 
 
-def _flat_slot(routing):
-    """<int32>[G, S, k] index of each choice's slot in a [G * E * C] buffer;
-    G * E * C (one past the end) for choices that are not routed."""
-    num_groups = ops.shape(routing.expert_index)[0]
-    slots_per_group = routing.num_experts * routing.capacity
-    group = ops.arange(num_groups, dtype="int32")[:, None, None]  # [G, 1, 1]
-    slot = (
-        group * slots_per_group
-        + routing.expert_index * routing.capacity
-        + routing.position
-    )
-    return ops.where(routing.dispatch_mask, slot, num_groups * slots_per_group)
+def _slot_index(routing):
+    """<int32>[G, S, k] each choice's slot e * C + c within its group's
+    [E * C] slots; E * C (one past the end) for choices that are not routed."""
+    num_slots = routing.num_experts * routing.capacity
+    slot = routing.expert_index * routing.capacity + routing.position
+    return ops.where(routing.dispatch_mask, slot, num_slots)
 
 
 def _scatter_to_slots(routing, values):
-    """[G * E * C] buffer holding `values` [G, S, k] of routed choices at their
-    slots, 0 in empty slots."""
-    num_groups = ops.shape(routing.expert_index)[0]
-    num_slots = num_groups * routing.num_experts * routing.capacity
+    """[G, E * C]: `values` [G, S, k] of routed choices at their slots, 0 in
+    empty slots."""
+    num_slots = routing.num_experts * routing.capacity
     values = ops.where(routing.dispatch_mask, values, ops.zeros_like(values))
+    k = values.shape[-1]
+    group_size = routing.expert_index.shape[1]
     # Routed choices own distinct slots; the rest all land in one extra slot
     # at the end (sliced off), so the scatter-add never mixes two choices.
-    return ops.scatter(
-        ops.reshape(_flat_slot(routing), (-1, 1)),
-        ops.reshape(values, (-1,)),
-        (num_slots + 1,),
-    )[:num_slots]
+    slots = scatter_add_per_group(
+        ops.reshape(values, (-1, group_size * k)),
+        ops.reshape(_slot_index(routing), (-1, group_size * k)),
+        num_slots + 1,
+    )
+    return slots[:, :num_slots]
 
 
-def _to_expert_major(flat_slots, routing):
-    """[G * E * C] -> [E, G, C]."""
-    slots = ops.reshape(flat_slots, (-1, routing.num_experts, routing.capacity))
+def _to_expert_major(slots, routing):
+    """[G, E * C] -> [E, G, C]."""
+    slots = ops.reshape(slots, (-1, routing.num_experts, routing.capacity))
     return ops.transpose(slots, (1, 0, 2))
 
 
 def slot_owner(routing):
-    """<int32>[G * E * C] flat token index (g * S + s) filling each slot; G * S
-    for empty slots."""
-    num_groups, group_size, _ = ops.shape(routing.expert_index)
-    token = ops.arange(num_groups * group_size, dtype="int32")
-    token = ops.reshape(token, (num_groups, group_size, 1))  # [G, S, 1]
+    """<int32>[G, E * C] token s (in its group) filling each slot e * C + c;
+    S for empty slots."""
+    group_size = routing.expert_index.shape[1]
+    if routing.slot_major:
+        return ops.reshape(routing.slot_token, (-1, routing.num_experts * routing.capacity))
+    token = ops.arange(group_size, dtype="int32")[None, :, None]  # [1, S, 1]
     token = token + ops.zeros_like(routing.expert_index)  # [G, S, k]
     owner_plus_one = _scatter_to_slots(routing, token + 1)
-    return ops.where(owner_plus_one > 0, owner_plus_one - 1, num_groups * group_size)
+    return ops.where(owner_plus_one > 0, owner_plus_one - 1, group_size)
 
 
 def slot_mask(routing):
     """<bool>[E, G, C]: slots that hold a token."""
-    filled = _scatter_to_slots(routing, ops.ones_like(routing.expert_index)) > 0
-    return _to_expert_major(filled, routing)
+    return _to_expert_major(slot_owner(routing) < routing.expert_index.shape[1], routing)
 
 
 def slot_weight(routing):
     """<float32>[E, G, C]: combine weight of the choice in each slot (0 if empty)."""
+    if routing.slot_major:
+        return ops.transpose(routing.slot_weight, (1, 0, 2))
     return _to_expert_major(_scatter_to_slots(routing, routing.combine_weight), routing)
 
 
-def take_rows(rows, index):
-    """rows [N, d], index <int32>[...] -> [..., d].
-
-    On TensorFlow the gradient is an explicit segment sum: TF's own gather
-    gradient, next to a top-k router's gradient, aborts XLA
-    (`literal.cc Check failed: subshape->dimensions(dim_index) >= size`)
-    under `jit_compile=True` when k > 1 (TF 2.21).
-    """
-    if keras.backend.backend() != "tensorflow":
-        return ops.take(rows, index, axis=0)
-    num_rows = rows.shape[0] if rows.shape[0] is not None else ops.shape(rows)[0]
-
-    @ops.custom_gradient
-    def take(rows):
-        def grad(*args, upstream=None):
-            if upstream is None:
-                (upstream,) = args
-            flat = ops.reshape(upstream, (-1, upstream.shape[-1]))
-            return ops.segment_sum(flat, ops.reshape(index, (-1,)), num_rows)
-
-        return ops.take(rows, index, axis=0), grad
-
-    return take(rows)
-
-
-def _slot_rows(routing):
-    """<int32>[G * E * C] flat token index g * S + s of each slot (g-major);
-    G * S for empty slots."""
-    num_groups = ops.shape(routing.slot_token)[0]
-    group_size = routing.token_mask.shape[-1]
-    group = ops.arange(num_groups, dtype="int32")[:, None, None]  # [G, 1, 1]
-    rows = ops.where(
-        routing.slot_token < group_size,
-        group * group_size + routing.slot_token,
-        num_groups * group_size,
-    )
-    return ops.reshape(rows, (-1,))
+def _with_zero_row(rows):
+    """[G, R, d] -> [G, R + 1, d], row R of every group zeros."""
+    zeros = ops.zeros_like(rows[:, :1])
+    return ops.concatenate([rows, zeros], axis=1)
 
 
 def gather_dispatch(x, routing):
     """Dispatch by gathering token rows. x: [G, S, d] -> [E, G, C, d].
 
-    Both views gather E * C rows per group: by `slot_token` (slot-major) or by
-    the slot owners scattered from the choices (token-major)."""
+    Each group gathers its E * C slots' rows (by `slot_token` for a
+    slot-major routing, else by the slot owners scattered from the
+    choices); an empty slot gathers the zero row S."""
     d = x.shape[-1]
-    # Shape: [G * S + 1, d]; the last row is zeros for empty slots.
-    rows = ops.concatenate([ops.reshape(x, (-1, d)), ops.zeros((1, d), x.dtype)], 0)
-    if routing.slot_major:
-        gathered = take_rows(rows, _slot_rows(routing))  # [G * E * C, d]
-    else:
-        gathered = take_rows(rows, slot_owner(routing))  # [G * E * C, d]
+    gathered = take_per_group(_with_zero_row(x), slot_owner(routing))  # [G, E * C, d]
     gathered = ops.reshape(gathered, (-1, routing.num_experts, routing.capacity, d))
     return ops.transpose(gathered, (1, 0, 2, 3))  # [E, G, C, d]
 
@@ -188,20 +149,22 @@ def gather_combine(expert_outputs, routing):
     """Combine by gathering slot rows. [E, G, C, d] -> [G, S, d].
 
     Token-major: each token gathers its k slots. Slot-major: each slot's
-    weighted row is summed into its token (a segment sum over E * C rows per
+    weighted row is summed into its token (a scatter-add of E * C rows per
     group, not a gather of S * E)."""
-    d = expert_outputs.shape[-1]
-    # Shape: [G * E * C, d], g-major like the slots.
-    rows = ops.reshape(ops.transpose(expert_outputs, (1, 0, 2, 3)), (-1, d))
+    num_experts, _, capacity, d = expert_outputs.shape
+    # Shape: [G, E * C, d]
+    rows = ops.reshape(ops.transpose(expert_outputs, (1, 0, 2, 3)), (-1, num_experts * capacity, d))
     if routing.slot_major:
-        num_groups = ops.shape(routing.slot_token)[0]
-        group_size = routing.token_mask.shape[-1]
-        weight = ops.cast(ops.reshape(routing.slot_weight, (-1, 1)), rows.dtype)
-        # Segment G * S collects the empty slots and is sliced off.
-        y = ops.segment_sum(rows * weight, _slot_rows(routing), num_groups * group_size + 1)
-        return ops.reshape(y[:-1], (-1, group_size, d))
-    rows = ops.concatenate([rows, ops.zeros((1, d), rows.dtype)], axis=0)
-    gathered = take_rows(rows, _flat_slot(routing))  # [G, S, k, d]
+        group_size = routing.expert_index.shape[1]
+        weight = ops.reshape(routing.slot_weight, (-1, num_experts * capacity, 1))
+        y = scatter_add_per_group(
+            rows * ops.cast(weight, rows.dtype), slot_owner(routing), group_size + 1
+        )  # [G, S + 1, d]; row S collects the empty slots
+        return y[:, :group_size]
+    group_size, k = routing.expert_index.shape[1:]
+    slots = ops.reshape(_slot_index(routing), (-1, group_size * k))
+    gathered = take_per_group(_with_zero_row(rows), slots)  # [G, S * k, d]
+    gathered = ops.reshape(gathered, (-1, group_size, k, d))
     weight = ops.cast(routing.combine_weight, rows.dtype)  # [G, S, k]
     return ops.einsum("gskd,gsk->gsd", gathered, weight)
 

@@ -36,7 +36,7 @@ from typing import NamedTuple
 from keras import ops
 
 from tf_moe.ops import custom_call
-from tf_moe.ops.dispatch import take_rows
+from tf_moe._groups import take_rows
 
 
 class DroplessLayout(NamedTuple):

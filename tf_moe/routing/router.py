@@ -18,6 +18,7 @@ from typing import NamedTuple
 import keras
 from keras import ops
 
+from tf_moe._groups import scatter_add_per_group
 from tf_moe._validation import check_non_negative, check_positive_int
 from tf_moe.routing import capacity as capacity_lib
 from tf_moe.routing import losses
@@ -123,29 +124,26 @@ class Routing(NamedTuple):
             router_probs: <float32>[G, S, E].
             aux_losses: dict of weighted losses, or None.
         """
-        num_groups = ops.shape(router_probs)[0]
         group_size, num_experts = router_probs.shape[1:]
         capacity = slot_token.shape[-1]
         slot_token = ops.cast(slot_token, "int32")
         filled = slot_token < group_size  # [G, E, C]
         slot_weight = ops.where(filled, slot_weight, 0.0)
-        # Token-major view: choice (g, s, e) is slot c of expert e, found by
-        # scattering every filled slot to flat index (g * S + s) * E + e; the
-        # empty slots all land in one extra entry, sliced off.
-        group = ops.arange(num_groups, dtype="int32")[:, None, None]  # [G, 1, 1]
+        # Token-major view: choice (s, e) of a group is slot c of expert e,
+        # found by scattering every filled slot to s * E + e within its group;
+        # the empty slots all land in one extra entry, sliced off.
         expert = ops.arange(num_experts, dtype="int32")[None, :, None]  # [1, E, 1]
-        num_choices = num_groups * group_size * num_experts
-        flat = ops.where(
-            filled, (group * group_size + slot_token) * num_experts + expert, num_choices
-        )
-        flat = ops.reshape(flat, (-1, 1))  # [G * E * C, 1]
+        num_choices = group_size * num_experts
+        choice = ops.where(filled, slot_token * num_experts + expert, num_choices)
+        choice = ops.reshape(choice, (-1, num_experts * capacity))  # [G, E * C]
         slot = ops.broadcast_to(
             ops.arange(1, capacity + 1, dtype="int32"), ops.shape(slot_token)
         )  # [G, E, C], slot + 1
 
         def to_choices(values):  # [G, E, C] -> [G, S, E]
-            scattered = ops.scatter(flat, ops.reshape(values, (-1,)), (num_choices + 1,))
-            return ops.reshape(scattered[:num_choices], (-1, group_size, num_experts))
+            values = ops.reshape(values, (-1, num_experts * capacity))
+            scattered = scatter_add_per_group(values, choice, num_choices + 1)
+            return ops.reshape(scattered[:, :num_choices], (-1, group_size, num_experts))
 
         position = to_choices(ops.where(filled, slot, 0)) - 1  # -1: not chosen
         chosen = position >= 0
