@@ -12,8 +12,12 @@ with per-group offsets.
 
 Hand-written because `keras.ops` has no batched take or scatter-add.
 
-Owns: `take_rows`, `take_per_group`, `scatter_add_per_group`. Does not own:
-what is gathered (dispatch paths, routing).
+`top_k` is here for the same reason: XLA's SPMD partitioner all-gathers the
+operand of its TopK op (jaxlib 0.10, CPU), but partitions a sort over its
+other axes, so on JAX the routers' top-k is a stable sort.
+
+Owns: `take_rows`, `take_per_group`, `scatter_add_per_group`, `top_k`. Does
+not own: what is gathered or chosen (dispatch paths, routing).
 
 Shape letters: G groups, R rows per group, n indices per group.
 """
@@ -84,3 +88,15 @@ def scatter_add_per_group(values, index, num_rows):
         flat, ops.reshape(_flat_index(index, num_rows), (-1,)), groups * num_rows
     )
     return ops.reshape(out, (-1, num_rows) + trailing)
+
+
+def top_k(x, k):
+    """(values, indices) of the k largest entries along the last axis of x,
+    descending, the lower index first among ties (as `keras.ops.top_k`)."""
+    if keras.backend.backend() != "jax":
+        return ops.top_k(x, k)
+    import jax
+
+    index = jax.lax.broadcasted_iota("int32", x.shape, x.ndim - 1)
+    negated, index = jax.lax.sort((-x, index), dimension=x.ndim - 1, num_keys=1)
+    return -negated[..., :k], index[..., :k]

@@ -155,13 +155,22 @@ class Experts(keras.layers.Layer):
 
     def call(self, inputs, training=None):
         """Capacity buffers [E, G, C, d] -> [E, G, C, d]."""
-        # Shape: [E, G * C, d]. One row axis: XLA on CPU adds and reduces a
-        # [E, 1, b] bias over it much faster than over (G, C).
-        rows = ops.reshape(inputs, (self.num_experts, -1, inputs.shape[-1]))
-        outputs = self.ffn(rows, self.params, _buffer_matmul, _buffer_bias, training)
-        return ops.reshape(outputs, ops.shape(inputs))
+        return self.on_buffers(inputs, training=training)
 
-    def on_rows(self, rows, layout, training=False, implementation="auto", params=None):
+    def on_buffers(self, buffers, training=False, params=None, **kwargs):
+        """Capacity buffers [E', G, C, d] -> [E', G, C, d], each expert's FFN
+        on its buffer (E' = E, or a device's share of the experts with
+        `params` its shard of the weights; `kwargs` as for `ffn`)."""
+        # Shape: [E', G * C, d]. One row axis: XLA on CPU adds and reduces a
+        # [E, 1, b] bias over it much faster than over (G, C).
+        rows = ops.reshape(buffers, (buffers.shape[0], -1, buffers.shape[-1]))
+        outputs = self.ffn(
+            rows, params or self.params, _buffer_matmul, _buffer_bias, training, **kwargs
+        )
+        return ops.reshape(outputs, ops.shape(buffers))
+
+    def on_rows(self, rows, layout, training=False, implementation="auto", params=None,
+                **kwargs):
         """Expert-sorted rows [N, d] -> [N, d], the same FFNs by grouped matmuls.
 
         Args:
@@ -171,15 +180,18 @@ class Experts(keras.layers.Layer):
             implementation: of `tf_moe.ops.grouped_matmul.grouped_matmul`.
             params: the weights to use (default `self.params`; a shard of them
                 inside a per-device program).
+            **kwargs: as for `ffn`.
         """
         def matmul(x, kernel):
             return grouped_matmul(x, kernel, layout, implementation)
 
         return self.ffn(
-            rows, params or self.params, matmul, lambda b: _row_bias(b, layout), training
+            rows, params or self.params, matmul, lambda b: _row_bias(b, layout), training,
+            **kwargs,
         )
 
-    def ffn(self, x, params, matmul, broadcast_bias, training):
+    def ffn(self, x, params, matmul, broadcast_bias, training, partial_sum=None,
+            dropout_seed=None):
         """The expert FFN on any layout of routed tokens.
 
         Args:
@@ -190,6 +202,11 @@ class Experts(keras.layers.Layer):
                 with its expert's kernel.
             broadcast_bias: fn(bias [E, 1, 1, b]) -> the bias broadcast to x's layout.
             training: bool.
+            partial_sum: fn applied to the output matmul before its bias, or
+                None: with the hidden dim sharded (`params` a shard of it) it
+                sums the devices' partial products.
+            dropout_seed: a seed for `keras.random.dropout`, or None for the
+                layer's own seed generator (a per-device program passes one).
         """
         dtype = self.compute_dtype
         w = {name: ops.cast(value, dtype) for name, value in params.items()}
@@ -199,8 +216,13 @@ class Experts(keras.layers.Layer):
             hidden = hidden + broadcast_bias(w["bi"])
         gate = matmul(x, w["wi_gate"]) if self.gated else None
         hidden = activate(self.activation, hidden, gate)
-        hidden = self.dropout_layer(hidden, training=training)
+        if dropout_seed is None:
+            hidden = self.dropout_layer(hidden, training=training)
+        elif training and self.dropout > 0:
+            hidden = keras.random.dropout(hidden, self.dropout, seed=dropout_seed)
         outputs = matmul(hidden, w["wo"])  # [..., d]
+        if partial_sum is not None:
+            outputs = partial_sum(outputs)
         if self.use_bias:
             outputs = outputs + broadcast_bias(w["bo"])
         return outputs

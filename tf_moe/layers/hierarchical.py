@@ -6,7 +6,7 @@ experts: y = sum_i G_primary(x)_i sum_j G_i(x)_j E_ij(x).
 
 Implemented as two nested dispatches: tokens -> primary buffers [a, G, C1, d];
 each primary buffer row is a token group of the secondary routing (empty slots
-are padding) -> [b, a * G, C2, d] -> the a * b experts -> combine twice. Both
+are padding) -> [b, G * a, C2, d] -> the a * b experts -> combine twice. Both
 levels gate through `NoisyTopKRouter`s: `primary_router` over the a groups
 and `secondary_router`, a bank of a gates over b experts each (kernels
 [a, d, b]); their noise, seeds and weights are the routers'.
@@ -19,6 +19,7 @@ import keras
 from keras import ops
 
 from tf_moe import metrics
+from tf_moe._replicas import global_sum
 from tf_moe._validation import check_k, check_non_negative, check_positive_int
 from tf_moe.layers.moe import GroupedMoELayer
 from tf_moe.ops import dispatch as dispatch_lib
@@ -34,9 +35,9 @@ def hierarchical_importance(slot_gate, secondary_gates):
         secondary_gates: <float32>[a, G, C1, b] secondary gates of each slot.
 
     Returns:
-        <float32>[a, b].
+        <float32>[a, b], over every replica's tokens under tf.distribute.
     """
-    return ops.einsum("agc,agcb->ab", slot_gate, secondary_gates)
+    return global_sum(ops.einsum("agc,agcb->ab", slot_gate, secondary_gates))
 
 
 def hierarchical_load(primary_load, secondary_load_probs, occupied):
@@ -51,8 +52,8 @@ def hierarchical_load(primary_load, secondary_load_probs, occupied):
         <float32>[a, b].
     """
     occupied = ops.cast(occupied, "float32")
-    secondary_load = ops.einsum("agcb,agc->ab", secondary_load_probs, occupied)
-    group_tokens = ops.maximum(ops.sum(occupied, axis=(1, 2)), 1.0)  # [a]
+    secondary_load = global_sum(ops.einsum("agcb,agc->ab", secondary_load_probs, occupied))
+    group_tokens = ops.maximum(global_sum(ops.sum(occupied, axis=(1, 2))), 1.0)  # [a]
     return primary_load[:, None] * secondary_load / group_tokens[:, None]
 
 
@@ -196,9 +197,8 @@ class HierarchicalMoE(GroupedMoELayer):
         shapes.update({name: () for name in names})
         return shapes
 
-    def route_and_compute(self, groups, token_mask, training):
+    def route_and_compute(self, plan, groups, token_mask, training):
         a, b, d = self.num_groups, self.experts_per_group, self.feature_dim
-        plan = self.plan(training)
         capacity1 = plan.capacity(groups.shape[1], a, self.primary_k, self.min_capacity)
         primary, gates1 = self.primary_router.route_with_gates(
             groups, capacity1, token_mask, training
@@ -207,48 +207,51 @@ class HierarchicalMoE(GroupedMoELayer):
         occupied = dispatch_lib.slot_mask(primary)  # [a, G, C1]
 
         # Secondary gates: gate i routes the rows of primary buffer i, each
-        # row of C1 slots one group (empty slots are padding).
+        # row of C1 slots one group (empty slots are padding). The groups
+        # are g-major ([G * a, C1]) so that a mesh sharding G keeps them.
         capacity2 = plan.capacity(capacity1, b, self.secondary_k, self.min_capacity)
+        by_group = ops.transpose(buffers, (1, 0, 2, 3))  # [G, a, C1, d]
         secondary, gates2 = self.secondary_router.route_with_gates(
-            buffers, capacity2, occupied, training
-        )  # over [a * G, C1] groups
-        # Shape: [b, a * G, C2, d] -> [a * b, G, C2, d], expert (i, j) at i * b + j.
-        inner = plan.dispatch(ops.reshape(buffers, (-1, capacity1, d)), secondary)
-        inner = ops.reshape(inner, (b, a, -1, capacity2, d))
-        inner = ops.reshape(ops.transpose(inner, (1, 0, 2, 3, 4)), (a * b, -1, capacity2, d))
-        outputs = self.experts(inner, training=training)  # [a * b, G, C2, d]
+            by_group, capacity2, ops.transpose(occupied, (1, 0, 2)), training
+        )  # over [G * a, C1] groups
+        # Shape: [b, G * a, C2, d] -> [a * b, G, C2, d], expert (i, j) at i * b + j.
+        inner = plan.dispatch(ops.reshape(by_group, (-1, capacity1, d)), secondary)
+        inner = ops.reshape(inner, (b, -1, a, capacity2, d))
+        inner = ops.reshape(ops.transpose(inner, (2, 0, 1, 3, 4)), (a * b, -1, capacity2, d))
+        outputs = self.experts(plan.to_experts(inner), training=training)
+        outputs = plan.to_groups(outputs)  # [a * b, G, C2, d]
         outputs = ops.reshape(outputs, (a, b, -1, capacity2, d))
-        outputs = ops.reshape(ops.transpose(outputs, (1, 0, 2, 3, 4)), (b, -1, capacity2, d))
-        outputs = plan.combine(outputs, secondary)  # [a * G, C1, d]
-        outputs = plan.combine(ops.reshape(outputs, (a, -1, capacity1, d)), primary)
+        outputs = ops.reshape(ops.transpose(outputs, (1, 2, 0, 3, 4)), (b, -1, capacity2, d))
+        outputs = plan.combine(outputs, secondary)  # [G * a, C1, d]
+        outputs = ops.transpose(ops.reshape(outputs, (-1, a, capacity1, d)), (1, 0, 2, 3))
+        outputs = plan.combine(outputs, primary)  # [G, S, d]
+
+        def per_primary(t):  # [G * a, C1, ...] -> [a, G, C1, ...]
+            t = ops.reshape(t, (-1, a) + tuple(t.shape[1:]))
+            return ops.transpose(t, (1, 0) + tuple(range(2, len(t.shape))))
 
         stats = metrics.routing_stats(primary)  # incl. the primary losses
         secondary_stats = metrics.routing_stats(secondary)
         stats["secondary_dropped_fraction"] = secondary_stats["dropped_fraction"]
-        # Shape: [a * G, b] routed choices -> [a * b] over all experts.
+        # Shape: [G * a, b] routed choices -> [a * b] over all experts.
         per_group = ops.einsum(
             "nckb,nck->nb",
             ops.one_hot(secondary.expert_index, b),
             ops.cast(secondary.dispatch_mask, "float32"),
         )
-        load = ops.reshape(ops.sum(ops.reshape(per_group, (a, -1, b)), axis=1), (-1,))
+        load = ops.reshape(ops.sum(ops.reshape(per_group, (-1, a, b)), axis=0), (-1,))
         stats["expert_load"] = load / ops.maximum(ops.sum(load), 1.0)
         if self.importance_loss_weight > 0:
-            secondary_gates = ops.reshape(gates2.dense_gates, (a, -1, capacity1, b))
             importance = hierarchical_importance(
-                dispatch_lib.slot_weight(primary), secondary_gates
+                dispatch_lib.slot_weight(primary), per_primary(gates2.dense_gates)
             )
             stats["hierarchical_importance_loss"] = self.importance_loss_weight * (
                 losses.cv_squared(ops.reshape(importance, (-1,)))
             )
         if self.load_loss_weight > 0:
             mask = ops.cast(token_mask, "float32")[..., None]
-            primary_load = ops.sum(gates1.load_probs * mask, axis=(0, 1))  # [a]
-            load = hierarchical_load(
-                primary_load,
-                ops.reshape(gates2.load_probs, (a, -1, capacity1, b)),
-                occupied,
-            )
+            primary_load = global_sum(ops.sum(gates1.load_probs * mask, axis=(0, 1)))  # [a]
+            load = hierarchical_load(primary_load, per_primary(gates2.load_probs), occupied)
             stats["hierarchical_load_loss"] = self.load_loss_weight * (
                 losses.cv_squared(ops.reshape(load, (-1,)))
             )

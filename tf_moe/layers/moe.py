@@ -19,6 +19,7 @@ import keras
 from keras import ops
 
 from tf_moe import metrics
+from tf_moe._replicas import ReplicaLocalLosses
 from tf_moe._validation import (
     check_capacity_factor,
     check_choice,
@@ -72,27 +73,10 @@ def _unbuilt(serialized):
     return {k: v for k, v in serialized.items() if k != "build_config"}
 
 
-def group_tokens(tokens, group_size):
-    """Splits tokens into groups, padding the last one.
-
-    Args:
-        tokens: [T, d].
-        group_size: int, S.
-
-    Returns:
-        (groups [G, S, d], token_mask <bool>[G, S]) with G = ceil(T / S).
-    """
-    num_tokens = ops.shape(tokens)[0]
-    padding = (-num_tokens) % group_size
-    groups = ops.reshape(ops.pad(tokens, [[0, padding], [0, 0]]), (-1, group_size, tokens.shape[-1]))
-    token_mask = ops.arange(num_tokens + padding) < num_tokens
-    return groups, ops.reshape(token_mask, (-1, group_size))
-
-
-class GroupedMoELayer(keras.layers.Layer):
+class GroupedMoELayer(ReplicaLocalLosses, keras.layers.Layer):
     """Shared plumbing of the MoE layers: expert and capacity arguments, input
     checks, token groups, aux losses and routing statistics. Subclasses
-    implement `route_and_compute(groups, token_mask, training) ->
+    implement `route_and_compute(plan, groups, token_mask, training) ->
     (outputs, stats)`, `stat_shapes()`, `loss_names` and
     `active_expert_fraction`.
 
@@ -169,6 +153,8 @@ class GroupedMoELayer(keras.layers.Layer):
             token_choice=self.token_choice,
             rows=self.supports_rows,
             capacity_name=name,
+            num_experts=self.experts.num_experts,
+            per_shard=self.supports_rows,
         )
 
     @property
@@ -188,14 +174,21 @@ class GroupedMoELayer(keras.layers.Layer):
                 "The last dimension of `inputs` must be known. "
                 f"Received: inputs.shape={tuple(input_shape)}"
             )
+        # Statistics sync on read, like Keras metrics: under tf.distribute each
+        # replica writes its own copy (no cross-replica sync in the step) and
+        # a read gives their mean. An on-write variable with an aggregation
+        # makes TF sync the replicas inside `call`, between `add_loss` and the
+        # step's loss, and Keras then optimizes the last replica's aux losses.
         self._stat_variables = {
-            name: self.add_weight(
-                name=name,
-                shape=shape,
+            name: keras.Variable(
                 initializer="zeros",
+                shape=shape,
+                dtype="float32",
                 trainable=False,
                 autocast=False,
                 aggregation="mean",
+                synchronization="on_read",
+                name=name,
             )
             for name, shape in self.stat_shapes().items()
         }
@@ -204,9 +197,10 @@ class GroupedMoELayer(keras.layers.Layer):
         """dict name -> shape of every statistic `route_and_compute` returns."""
         raise NotImplementedError
 
-    def route_and_compute(self, groups, token_mask, training):
-        """groups [G, S, d], token_mask <bool>[G, S] -> (outputs [G, S, d],
-        stats dict incl. the weighted aux losses under their `loss_names`)."""
+    def route_and_compute(self, plan, groups, token_mask, training):
+        """groups [G, S, d], token_mask <bool>[G, S] of the call's `plan` ->
+        (outputs [G, S, d], stats dict incl. the weighted aux losses under
+        their `loss_names`)."""
         raise NotImplementedError
 
     @property
@@ -227,14 +221,10 @@ class GroupedMoELayer(keras.layers.Layer):
                 f"d={self.feature_dim}). Received: inputs.shape={tuple(inputs.shape)}"
             )
         tokens = ops.reshape(inputs, (-1, self.feature_dim))  # [T, d]
-        num_tokens = tokens.shape[0]
-        group_size = self.group_size
-        if num_tokens is not None:
-            group_size = min(group_size, num_tokens)
-        groups, token_mask = group_tokens(tokens, group_size)  # [G, S, d], [G, S]
-        outputs, stats = self.route_and_compute(groups, token_mask, bool(training))
-        # Shape: [T, d]
-        outputs = ops.reshape(outputs, (-1, self.feature_dim))[: ops.shape(tokens)[0]]
+        plan = self.plan(bool(training))
+        groups, token_mask = plan.group(tokens, self.group_size)  # [G, S, d], [G, S]
+        outputs, stats = self.route_and_compute(plan, groups, token_mask, bool(training))
+        outputs = plan.ungroup(outputs, ops.shape(tokens)[0])  # [T, d]
         aux_losses = [stats[name] for name in self.loss_names]
         if aux_losses:
             self.add_loss(ops.sum(ops.stack(aux_losses)))
@@ -419,8 +409,7 @@ class MoE(GroupedMoELayer):
         """
         return self.plan(training).dropless
 
-    def route_and_compute(self, groups, token_mask, training):
-        plan = self.plan(training)
+    def route_and_compute(self, plan, groups, token_mask, training):
         capacity = plan.capacity(
             groups.shape[1], self.num_experts, self.router.choices_per_token,
             self.min_capacity,

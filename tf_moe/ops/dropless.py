@@ -71,6 +71,28 @@ def dropless_num_rows(num_choices, num_experts, tile):
     return -(-rows // tile) * tile
 
 
+def _tile_expert(ends, num_rows, tile):
+    """<int32>[N / tile] expert of each tile of rows, from the segment ends
+    [E]; E past the last segment."""
+    tile_start = ops.arange(num_rows // tile, dtype="int32") * tile
+    return ops.sum(ops.cast(tile_start[:, None] >= ends[None, :], "int32"), axis=-1)
+
+
+def segment_layout(group_sizes, num_rows):
+    """The `DroplessLayout` (tile 1) of `num_rows` rows already sorted into
+    expert segments of `group_sizes` <int32>[E] from row 0, for the grouped
+    matmuls; it maps no tokens (`row` and `row_owner` are None)."""
+    group_sizes = ops.cast(group_sizes, "int32")
+    return DroplessLayout(
+        row=None,
+        group_sizes=group_sizes,
+        tile_expert=ops.cast(_tile_expert(ops.cumsum(group_sizes), num_rows, 1), "int32"),
+        row_owner=None,
+        num_rows=num_rows,
+        tile=1,
+    )
+
+
 def dropless_layout(routing, tile=1):
     """Builds the `DroplessLayout` of a `Routing` (its `dispatch_mask` decides
     which choices are routed; `position` and `capacity` are not used)."""
@@ -96,10 +118,7 @@ def dropless_layout(routing, tile=1):
     routed = expert < num_experts
     start_of_choice = ops.take(starts, ops.minimum(expert, num_experts - 1))
     row = ops.where(routed, start_of_choice + rank, num_rows)  # [n]
-    tile_start = ops.arange(num_rows // tile, dtype="int32") * tile
-    tile_expert = ops.sum(
-        ops.cast(tile_start[:, None] >= ends[None, :], "int32"), axis=-1
-    )  # [N / tile], in [0, E]
+    tile_expert = _tile_expert(ends, num_rows, tile)  # [N / tile], in [0, E]
     # Owner of each row: scatter token indices (+1, so that 0 means empty)
     # into N + 1 slots; the last slot collects the unrouted choices.
     token = ops.repeat(ops.arange(g * s, dtype="int32"), k)  # [n]

@@ -14,6 +14,7 @@ Shape letters: G groups, S tokens per group, E experts, C capacity.
 import keras
 from keras import ops
 
+from tf_moe._groups import top_k
 from tf_moe.routing.router import Router, Routing
 
 
@@ -34,7 +35,7 @@ def expert_choice_routing(router_probs, capacity, token_mask):
     # Padding scores -1, below any probability, and is masked out below.
     scores = ops.where(token_mask[..., None], router_probs, -1.0)  # [G, S, E]
     # Shape: [G, E, C]
-    top_scores, top_token = ops.top_k(ops.transpose(scores, (0, 2, 1)), capacity)
+    top_scores, top_token = top_k(ops.transpose(scores, (0, 2, 1)), capacity)
     filled = top_scores >= 0.0
     return Routing.from_slots(
         slot_token=ops.where(filled, ops.cast(top_token, "int32"), group_size),

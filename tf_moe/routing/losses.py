@@ -2,20 +2,24 @@
 
 Each function returns an unweighted float32 scalar; routers multiply by their
 configured weight. Means and sums run over real tokens only (`token_mask`),
-across all groups of the batch.
+across all groups of the batch, and under TensorFlow's data parallelism over
+every replica's tokens (`tf_moe._replicas.global_sum`), so the losses are
+those of the global batch.
 
 Shape letters: G groups, S tokens per group, E experts.
 """
 
 from keras import ops
 
+from tf_moe._replicas import global_sum
+
 
 def _masked_mean(values, token_mask):
     """Mean of `values` [G, S, ...] over real tokens -> [...]."""
     mask = ops.cast(token_mask, values.dtype)  # [G, S]
     mask = ops.reshape(mask, ops.shape(mask) + (1,) * (len(values.shape) - 2))
-    total = ops.sum(values * mask, axis=(0, 1))
-    return total / ops.maximum(ops.sum(mask, axis=(0, 1)), 1.0)
+    total = global_sum(ops.sum(values * mask, axis=(0, 1)))
+    return total / ops.maximum(global_sum(ops.sum(mask, axis=(0, 1))), 1.0)
 
 
 def cv_squared(values, epsilon=1e-10):
@@ -37,7 +41,7 @@ def importance_loss(gates, token_mask):
         token_mask: <bool>[G, S].
     """
     gates = gates * ops.cast(token_mask, gates.dtype)[..., None]
-    return cv_squared(ops.sum(gates, axis=(0, 1)))
+    return cv_squared(global_sum(ops.sum(gates, axis=(0, 1))))
 
 
 def load_loss(load_probs, token_mask):
@@ -50,7 +54,7 @@ def load_loss(load_probs, token_mask):
         token_mask: <bool>[G, S].
     """
     load_probs = load_probs * ops.cast(token_mask, load_probs.dtype)[..., None]
-    return cv_squared(ops.sum(load_probs, axis=(0, 1)))
+    return cv_squared(global_sum(ops.sum(load_probs, axis=(0, 1))))
 
 
 def balance_loss(router_probs, first_expert, token_mask):

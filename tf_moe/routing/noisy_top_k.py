@@ -14,8 +14,9 @@ from typing import NamedTuple
 import keras
 from keras import ops
 
-from tf_moe.routing import losses
+from tf_moe._groups import top_k
 from tf_moe._validation import check_k, check_non_negative
+from tf_moe.routing import losses
 from tf_moe.routing.router import Router, Routing
 
 
@@ -60,7 +61,7 @@ def noisy_top_k_gates(clean_logits, noise_stddev, noise, k):
     noisy = clean_logits if noise is None else clean_logits + noise * noise_stddev
     # Shape: [G, S, min(k + 1, E)]; the (k+1)-th value is the threshold for
     # experts already in the top k.
-    top_values, top_index = ops.top_k(noisy, min(k + 1, num_experts))
+    top_values, top_index = top_k(noisy, min(k + 1, num_experts))
     expert_index = ops.cast(top_index[..., :k], "int32")  # [G, S, k]
     # Shape: [G, S, k]; softmax over one value is 1 (said without a warning).
     if k == 1:

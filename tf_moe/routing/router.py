@@ -205,8 +205,10 @@ class Router(keras.layers.Layer):
             `num_experts`).
         num_gates: int >= 1 or None (default). With an int A, the router is a
             bank of A independent gates (kernels [A, d, E]): `route` takes
-            inputs [A, G, S, d] and routes gate a's groups with gate a
-            (hierarchical MoE's secondary gates).
+            inputs [G, A, S, d] and routes row a of every group with gate a
+            (hierarchical MoE's secondary gates); the `Routing` is over
+            [G * A, S] groups, g-major (so a mesh that shards G keeps them
+            in place).
         jitter_noise: float >= 0, default 0. During training, multiplies the
             router inputs by Uniform(1 - jitter_noise, 1 + jitter_noise)
             (Switch Transformer).
@@ -218,7 +220,7 @@ class Router(keras.layers.Layer):
             "float32".
 
     Call arguments (`call`):
-        inputs: [..., d] token representations ([A, ..., d] for a bank).
+        inputs: [..., d] token representations ([..., A, d] for a bank).
     Returns the router logits [..., E] (float32). The full `Routing` comes from
     `route()`.
     """
@@ -279,30 +281,30 @@ class Router(keras.layers.Layer):
         self.kernel = self.add_gate_kernel("kernel", input_shape)
 
     def gate_logits(self, x, kernel):
-        """x [G, S, d] @ kernel [d, E] -> [G, S, E]; for a bank, x [A, G, S, d]
-        @ kernel [A, d, E] -> [A * G, S, E] (gate a's groups first)."""
+        """x [G, S, d] @ kernel [d, E] -> [G, S, E]; for a bank, x [G, A, S, d]
+        @ kernel [A, d, E] -> [G * A, S, E] (g-major)."""
         if self.num_gates is None:
             return ops.einsum("gsd,de->gse", x, kernel)
-        logits = ops.einsum("agsd,ade->agse", x, kernel)  # [A, G, S, E]
+        logits = ops.einsum("gasd,ade->gase", x, kernel)  # [G, A, S, E]
         return ops.reshape(logits, (-1,) + tuple(logits.shape[2:]))
 
     def call(self, inputs):
         if self.num_gates is None:
             return ops.matmul(ops.cast(inputs, "float32"), self.kernel)
-        return ops.einsum("a...d,ade->a...e", ops.cast(inputs, "float32"), self.kernel)
+        return ops.einsum("...ad,ade->...ae", ops.cast(inputs, "float32"), self.kernel)
 
     def route(self, inputs, capacity, token_mask=None, training=False):
         """Routes groups of tokens.
 
         Args:
-            inputs: [G, S, d] token groups (any float dtype); [A, G, S, d]
+            inputs: [G, S, d] token groups (any float dtype); [G, A, S, d]
                 for a bank of A gates.
             capacity: int >= 1, slots per expert per group (C).
-            token_mask: <bool>[G, S] ([A, G, S]) real tokens, or None for all.
+            token_mask: <bool>[G, S] ([G, A, S]) real tokens, or None for all.
             training: bool; noise and jitter apply only when true.
 
         Returns:
-            A `Routing` over [G, S] groups ([A * G, S] for a bank).
+            A `Routing` over [G, S] groups ([G * A, S] for a bank).
         """
         x, logits, token_mask = self._gate_inputs(inputs, token_mask, training)
         routing = self._route(x, logits, capacity, token_mask, bool(training))
@@ -312,7 +314,7 @@ class Router(keras.layers.Layer):
         """(float32 inputs after jitter, logits [G, S, E], token_mask [G, S])."""
         if not self.built:
             self.build(inputs.shape)
-        x = ops.cast(inputs, "float32")  # [G, S, d] or [A, G, S, d]
+        x = ops.cast(inputs, "float32")  # [G, S, d] or [G, A, S, d]
         if token_mask is None:
             token_mask = ops.ones(ops.shape(x)[:-1], dtype="bool")
         token_mask = ops.reshape(token_mask, (-1, x.shape[-2]))  # [G, S]

@@ -13,8 +13,9 @@ Shape letters: G groups, S tokens per group, E experts, k choices.
 import keras
 from keras import ops
 
-from tf_moe.routing import losses
+from tf_moe._groups import top_k
 from tf_moe._validation import check_choice, check_k, check_non_negative
+from tf_moe.routing import losses
 from tf_moe.routing.router import Router, Routing
 
 SECOND_EXPERT_POLICIES = ("all", "random", "sampling")
@@ -48,7 +49,7 @@ def top_k_routing(
     Returns:
         A `Routing` (`Routing.from_choices`).
     """
-    weights, expert_index = ops.top_k(router_probs, k)  # [G, S, k]
+    weights, expert_index = top_k(router_probs, k)  # [G, S, k]
     expert_index = ops.cast(expert_index, "int32")
     # Batch-prioritized routing orders by top-1 probability, before any
     # renormalization of the kept weights.
@@ -145,7 +146,7 @@ class TopKRouter(Router):
         router_probs = ops.softmax(logits, axis=-1)  # [G, S, E]
         keep_second = None
         if training and self.second_expert_policy != "all":
-            top2, _ = ops.top_k(router_probs, 2)  # [G, S, 2]
+            top2, _ = top_k(router_probs, 2)  # [G, S, 2]
             draw = keras.random.uniform(
                 ops.shape(token_mask), seed=self.seed_generator
             )  # [G, S]
