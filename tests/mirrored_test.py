@@ -1,0 +1,104 @@
+"""Data parallelism on TensorFlow: `tf.distribute.MirroredStrategy` over 2
+logical CPU devices (TPUStrategy and MultiWorkerMirroredStrategy share the
+mechanism) must train exactly like one device on the same global batch:
+losses, the auxiliary losses (computed on the global batch through
+`tf_moe._replicas.global_sum`) and every weight after 3 steps.
+
+Without the fixes in tf_moe/_replicas.py the router's update was about half
+the one-device one: an on-write statistics variable or an all-reduce inside
+the layer let one replica's step clear or read another's `add_loss` list.
+XLA stays off: TF cannot compile a MirroredStrategy step over logical CPU
+devices ("Trying to access resource ... located in device CPU:1 from device
+CPU:0", plain Keras layers too).
+"""
+
+import tensorflow as tf
+
+_CPUS = tf.config.list_physical_devices("CPU")
+tf.config.set_logical_device_configuration(
+    _CPUS[0], [tf.config.LogicalDeviceConfiguration()] * 2
+)
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+from absl.testing import absltest, parameterized  # noqa: E402
+
+import tf_moe  # noqa: E402
+from expert_parallel_worker import B, D, H, L, build, fit, model_config  # noqa: E402
+
+# One strategy for the module: a second MirroredStrategy in the process got
+# its collectives' instance keys mixed with the first's ("Shape mismatch in
+# the collective instance ...", TF 2.21).
+STRATEGY = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+
+
+def aux_losses(model):
+    """{layer/loss: value} of every MoE layer's weighted auxiliary losses."""
+    return {
+        f"{layer.name}/{name}": float(layer.last_routing_stats[name])
+        for layer in tf_moe.metrics.moe_layers(model)
+        for name in layer.loss_names
+    }
+
+
+class MirroredTest(parameterized.TestCase):
+    @parameterized.named_parameters(("gather", "gather"), ("custom_call", "custom_call"))
+    def test_transformer_matches_one_device(self, dispatch):
+        # Strong aux losses, so that a wrong one shows in every weight.
+        config = model_config(dispatch, balance_loss_weight=0.5, z_loss_weight=0.1)
+        results = []
+        for strategy in (None, STRATEGY):
+            with (strategy or tf.distribute.get_strategy()).scope():
+                model = build(config, jit_compile=False)
+            losses, weights = fit(model)
+            results.append((losses, weights, aux_losses(model)))
+        (want, want_weights, want_aux), (got, weights, aux) = results
+        self.assertEqual(model.distribute_strategy.num_replicas_in_sync, 2)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+        self.assertCountEqual(aux, want_aux)
+        for name, value in want_aux.items():
+            self.assertGreater(value, 0.0, name)
+            np.testing.assert_allclose(aux[name], value, rtol=1e-4, err_msg=name)
+        for got_w, want_w, variable in zip(weights, want_weights, model.weights):
+            np.testing.assert_allclose(got_w, want_w, rtol=1e-4, atol=1e-4, err_msg=variable.path)
+
+    def test_hierarchical_and_noisy_losses_are_global(self):
+        """Importance/load losses (CV^2 of per-expert sums) and the
+        hierarchical ones, through `global_sum`, in evaluation (the noisy
+        gates draw their noise per replica in training)."""
+        rng = np.random.default_rng(3)
+        x = rng.normal(size=(B, L, D)).astype("float32")
+        y = np.tanh(x[..., ::-1])
+        gates = {}
+        results = []
+        for strategy in (None, STRATEGY):
+            with (strategy or tf.distribute.get_strategy()).scope():
+                keras.utils.set_random_seed(2)
+                inputs = keras.Input((L, D))
+                hierarchical = tf_moe.layers.HierarchicalMoE(
+                    3, 2, H, primary_k=1, group_size=16, importance_loss_weight=1.0,
+                    load_loss_weight=1.0, name="hierarchical",
+                )
+                flat = tf_moe.layers.MoE(
+                    4, H, router=tf_moe.routing.NoisyTopKRouter(k=2), group_size=16, name="flat"
+                )
+                h = inputs + hierarchical(inputs)
+                model = keras.Model(inputs, keras.layers.Dense(D)(h + flat(h)))
+                for v in model.trainable_weights:  # nonzero (same) gates
+                    if "router" in v.path:
+                        gates.setdefault(v.path, np.random.default_rng(len(gates)).normal(
+                            0, 0.3, v.shape).astype("float32"))
+                        v.assign(gates[v.path])
+                model.compile(keras.optimizers.SGD(0.1), "mse", jit_compile=False)
+            loss = model.evaluate(x, y, batch_size=B, verbose=0)
+            results.append((loss, aux_losses(model)))
+        (want, want_aux), (got, aux) = results
+        self.assertLen(want_aux, 6)  # 4 hierarchical, 2 noisy
+        np.testing.assert_allclose(got, want, rtol=1e-5)
+        for name, value in want_aux.items():
+            self.assertGreater(value, 0.0, name)
+            np.testing.assert_allclose(aux[name], value, rtol=1e-4, err_msg=name)
+
+
+if __name__ == "__main__":
+    absltest.main()
