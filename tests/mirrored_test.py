@@ -100,5 +100,39 @@ class MirroredTest(parameterized.TestCase):
             np.testing.assert_allclose(aux[name], value, rtol=1e-4, err_msg=name)
 
 
+    def test_clipping_clips_the_sum_of_the_replicas(self):
+        """trainers.loop.ClipsTheSum: Keras clips each replica's gradient
+        before summing them (asserted, so that a Keras that stops doing so
+        shows here); with the mixin, the sum is clipped, as on one device."""
+        from trainers.loop import ClipsTheSum
+
+        class SGD(ClipsTheSum, keras.optimizers.SGD):
+            pass
+
+        rng = np.random.default_rng(5)
+        x = rng.normal(size=(8, 4)).astype("float32")
+        y = np.arange(8) % 3
+
+        def train(optimizer, strategy):
+            with (strategy or tf.distribute.get_strategy()).scope():
+                keras.utils.set_random_seed(0)
+                inputs = keras.Input((4,))
+                h = keras.layers.Dense(5, activation="tanh")(inputs)
+                model = keras.Model(inputs, keras.layers.Dense(3)(h))
+                model.compile(optimizer(), keras.losses.SparseCategoricalCrossentropy(
+                    from_logits=True), jit_compile=False)
+            model.fit(x, y, batch_size=8, epochs=2, verbose=0, shuffle=False)
+            return [np.asarray(w) for w in model.weights]
+
+        for optimizer, same in ((lambda: SGD(1.0, clipnorm=0.01), True),
+                                (lambda: keras.optimizers.SGD(1.0, clipnorm=0.01), False)):
+            one, two = train(optimizer, None), train(optimizer, STRATEGY)
+            differences = [np.abs(a - b).max() for a, b in zip(one, two)]
+            if same:
+                np.testing.assert_allclose(differences, 0.0, atol=1e-6)
+            else:
+                self.assertGreater(max(differences), 1e-4)
+
+
 if __name__ == "__main__":
     absltest.main()

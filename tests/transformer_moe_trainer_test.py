@@ -59,6 +59,10 @@ def run_trainer(config, workdir, *overrides):
     return result.returncode, result.stdout + result.stderr
 
 
+def keras_backend():
+    return os.environ.get("KERAS_BACKEND", "tensorflow")
+
+
 def read_summary(workdir):
     with open(os.path.join(workdir, "summary.json")) as f:
         return json.load(f)
@@ -126,6 +130,45 @@ class TransformerMoeTrainerTest(absltest.TestCase):
         self.assertNotIn("test_bleu_greedy", summary)
         # 20 steps of a grammar with a few dozen words: far below uniform (342).
         self.assertLess(summary["test_perplexity"], 100.0)
+
+    def test_scaling_out_flags(self):
+        """JAX: --mesh (expert-parallel on 8 CPU devices) gives the one-device
+        run's numbers; TF: --strategy=mirrored over 2 logical CPUs trains
+        with 2 replicas (exactness: mirrored_test.py)."""
+        common = [
+            "configs/transformer_moe_tiny_lm.py", "--config.data.corpus=tiny_lm", *TINY_MODEL,
+            "--config.model.num_experts=8", "--config.model.group_size=32",
+            "--config.model.second_expert_policy=all", "--config.train.batch_size=16",
+            "--config.train.steps=4", "--config.train.checkpoint_every=2",
+            "--config.train.warmup_steps=1", "--config.data.eval_batches=2",
+        ]
+        if keras_backend() == "jax":
+            plain = self.run_ok(*common)
+            mesh = self.run_ok(*common, "--cpu_devices=8", "--mesh=batch:2,expert:4")
+            self.assertEqual(mesh["mesh"], {"batch": 2, "expert": 4, "model": 1})
+            self.assertEqual(mesh["devices"], 8)
+            for key in ("validation_perplexity", "test_perplexity"):
+                self.assertAlmostEqual(mesh[key], plain[key], delta=1e-3 * plain[key])
+            wrong, message = "--strategy=mirrored", r"`--strategy` is for the TensorFlow backend"
+        else:
+            mirrored = self.run_ok(*common, "--cpu_devices=2", "--strategy=mirrored")
+            self.assertEqual((mirrored["strategy"], mirrored["replicas"]), ("MirroredStrategy", 2))
+            self.assert_common_summary(mirrored, 4)
+            wrong, message = "--mesh=expert:2", r"`--mesh` is for the JAX backend"
+        batch = 12 if keras_backend() == "jax" else 9  # not divisible by 8 / 2 shards
+        bad = {
+            wrong: message,
+            f"--config.train.batch_size={batch}": r"train\.batch_size.*divisible by the (8|2) data shards",
+        }
+        distributed = (["--cpu_devices=8", "--mesh=batch:2,expert:4"] if keras_backend() == "jax"
+                       else ["--cpu_devices=2", "--strategy=mirrored"])
+        for flag, pattern in bad.items():
+            with self.subTest(flag=flag):
+                workdir = self.create_tempdir().full_path
+                extra = distributed if "batch_size" in flag else []
+                code, output = run_trainer(common[0], workdir, *common[1:], *extra, flag)
+                self.assertNotEqual(code, 0)
+                self.assertRegex(output, "ValueError: .*" + pattern)
 
     def test_bad_configs_name_the_field(self):
         cases = {

@@ -9,7 +9,10 @@ edit) fails its checksum and the previous good checkpoint is used.
 
 Written by hand because Keras weight files skip seed-generator state (needed
 for a bit-exact resume) and `tf.train.Checkpoint` does not hold JAX-backend
-variables.
+variables. In a multi-process JAX job every process takes part in gathering
+the sharded variables, process 0 writes, and every process restores its
+shards from the same files (a file system all hosts see); the arrays are
+whole on one host, so this suits models that fit one host's memory.
 """
 
 import hashlib
@@ -41,6 +44,38 @@ def _state_variables(model):
     return list(model.variables) + list(model.optimizer.variables)
 
 
+def _multi_process_array(variable):
+    """The JAX array of `variable` when some of its shards live in other
+    processes, else None."""
+    value = getattr(variable, "value", None)
+    if getattr(value, "is_fully_addressable", True):
+        return None
+    return value
+
+
+def _to_numpy(variable):
+    """The whole value of `variable` on this host (gathered from every
+    process in a multi-process job; all processes must call it)."""
+    array = _multi_process_array(variable)
+    if array is None:
+        return ops.convert_to_numpy(variable)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(array, tiled=True))
+
+
+def _assign(variable, value):
+    array = _multi_process_array(variable)
+    if array is None:
+        variable.assign(value)
+        return
+    import jax
+
+    # This process's shards of the whole `value`, laid out as the variable.
+    variable.assign(jax.make_array_from_callback(value.shape, array.sharding,
+                                                 lambda index: value[index]))
+
+
 class CheckpointManager:
     """Saves and restores `model` (compiled, with its optimizer) under `directory`.
 
@@ -67,16 +102,21 @@ class CheckpointManager:
     def path(self, step):
         return os.path.join(self.directory, f"{_PREFIX}{step:09d}")
 
-    def save(self, step, model):
-        """Writes checkpoint `step` atomically; prunes old ones."""
+    def save(self, step, model, write=True):
+        """Writes checkpoint `step` atomically; prunes old ones. In a
+        multi-process job every process calls it (the variables are gathered
+        from all) and only the one with `write` writes."""
         variables = _state_variables(model)
+        values = [_to_numpy(v) for v in variables]
+        if not write:
+            return
         final = self.path(step)
         tmp = f"{final}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
         state_path = os.path.join(tmp, "state.npz")
         with open(state_path, "wb") as f:
-            np.savez(f, *[ops.convert_to_numpy(v) for v in variables])
+            np.savez(f, *values)
             f.flush()
             os.fsync(f.fileno())
         meta = {
@@ -118,7 +158,7 @@ class CheckpointManager:
                 f"{len(expected)}"
             )
         for variable, value in zip(variables, values):
-            variable.assign(value)
+            _assign(variable, value)
         return meta["step"]
 
     def restore_latest(self, model):

@@ -9,7 +9,6 @@ to an add-one unigram baseline's, total vs active parameters per token, and
 tokens/s; writes them to <workdir>/summary.json.
 """
 
-import contextlib
 
 import keras
 import numpy as np
@@ -21,13 +20,12 @@ from tf_moe import data as data_lib
 from tf_moe.data import pipeline
 from tf_moe.data import tokenizer as tokenizer_lib
 from tf_moe.models import build_lstm_moe
-from trainers import loop
+from trainers import distribution, loop
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", "configs/lstm_moe_tiny.py", "Path to a config file (configs/*.py)."
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, TensorBoard, summary.")
-_TPU = flags.DEFINE_string("tpu", None, "Cloud TPU name or 'local' (TF backend).")
 _BUILD_DATA = flags.DEFINE_bool(
     "build_data", True, "Build the built-in corpus first if it is missing."
 )
@@ -77,10 +75,9 @@ def main(argv):
     del argv
     config = _CONFIG.value
     loop.check_train_config(config.train)
+    scope, where = distribution.setup(config)
     keras.utils.set_random_seed(config.seed)
-    strategy = loop.make_strategy(_TPU.value)
     tokenizer, make_train, validation, test = make_datasets(config)
-    scope = strategy.scope() if strategy else contextlib.nullcontext()
     with scope:
         model = build_lstm_moe(tokenizer.vocab_size, config.data.sequence_length, config.model)
         model.compile(
@@ -94,6 +91,7 @@ def main(argv):
     total, active = loop.parameter_counts(model)
     summary = {
         "backend": keras.backend.backend(),
+        **where,
         "steps": result["final_step"],
         "resumed_from_step": result["start_step"],
         "validation_perplexity": model.evaluate(validation, return_dict=True, verbose=0)["perplexity"],

@@ -14,7 +14,6 @@ sentences) with greedy and beam-search decoding; prints them with total vs
 active parameters per token and tokens/s, and writes <workdir>/summary.json.
 """
 
-import contextlib
 import time
 
 import keras
@@ -30,7 +29,7 @@ from tf_moe.data import pipeline
 from tf_moe.data import tokenizer as tokenizer_lib
 from tf_moe.models import build_decoder_lm, build_encoder_decoder, decoding
 from tf_moe.models.transformer_moe import check_model_config
-from trainers import loop
+from trainers import distribution, loop
 
 TASKS = ("lm", "translate")
 # The built-in corpus of each task (built on first use unless --nobuild_data).
@@ -40,7 +39,6 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", "configs/transformer_moe_tiny_translate.py", "Path to a config file (configs/*.py)."
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, TensorBoard, summary.")
-_TPU = flags.DEFINE_string("tpu", None, "Cloud TPU name or 'local' (TF backend).")
 _BUILD_DATA = flags.DEFINE_bool(
     "build_data", True, "Build the built-in corpus first if it is missing."
 )
@@ -223,10 +221,9 @@ def main(argv):
     del argv
     config = _CONFIG.value
     check_config(config)
+    scope, where = distribution.setup(config)
     keras.utils.set_random_seed(config.seed)
-    strategy = loop.make_strategy(_TPU.value)
     tokenizer, make_train, validation, test, split_fn = make_datasets(config)
-    scope = strategy.scope() if strategy else contextlib.nullcontext()
     with scope:
         model = build_model(config, tokenizer.vocab_size)
     # LM: every position is a token; translate: padded target positions.
@@ -235,6 +232,7 @@ def main(argv):
     total, active = loop.parameter_counts(model)
     summary = {
         "backend": keras.backend.backend(),
+        **where,
         "task": config.task,
         "corpus": corpus_name(config),
         "steps": result["final_step"],
