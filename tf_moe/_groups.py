@@ -14,7 +14,8 @@ Hand-written because `keras.ops` has no batched take or scatter-add.
 
 `top_k` is here for the same reason: XLA's SPMD partitioner all-gathers the
 operand of its TopK op (jaxlib 0.10, CPU), but partitions a sort over its
-other axes, so on JAX the routers' top-k is a stable sort.
+other axes, so on JAX under a `keras.distribution` the routers' top-k is a
+stable sort; elsewhere it is XLA's TopK, the cheaper op on one device.
 
 Owns: `take_rows`, `take_per_group`, `scatter_add_per_group`, `top_k`. Does
 not own: what is gathered or chosen (dispatch paths, routing).
@@ -93,7 +94,7 @@ def scatter_add_per_group(values, index, num_rows):
 def top_k(x, k):
     """(values, indices) of the k largest entries along the last axis of x,
     descending, the lower index first among ties (as `keras.ops.top_k`)."""
-    if keras.backend.backend() != "jax":
+    if keras.backend.backend() != "jax" or keras.distribution.distribution() is None:
         return ops.top_k(x, k)
     import jax
 
