@@ -101,7 +101,7 @@ def bench(args, mesh, path):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--meshes", default=",".join(MESHES).replace(",", ";"),
+    parser.add_argument("--meshes", default=";".join(MESHES),
                         help="';'-separated meshes")
     parser.add_argument("--paths", default=",".join(PATHS))
     parser.add_argument("--batch", type=int, default=16)
