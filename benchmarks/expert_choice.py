@@ -34,7 +34,7 @@ import sys
 
 import numpy as np
 
-from timing import time_step
+from timing import tf_grad_step, time_step
 
 BATCH, SEQ, D, H, E, CAPACITY_FACTOR = 8, 512, 256, 1024, 16, 1.25
 OURS = ("dense", "experts", "einsum", "gather", "custom_call", "auto")
@@ -42,27 +42,6 @@ OURS = ("dense", "experts", "einsum", "gather", "custom_call", "auto")
 
 def _capacity():
     return int(np.ceil(CAPACITY_FACTOR * SEQ / E))
-
-
-def _grad_step(model, x, cotangent):
-    """A jit-compiled fwd+bwd step of `model` (TF), as a no-arg callable."""
-    import tensorflow as tf
-
-    @tf.function(jit_compile=True)
-    def grad(x):
-        with tf.GradientTape() as tape:
-            tape.watch(x)
-            y = model(x, training=True)
-            loss = tf.reduce_sum(tf.cast(y, tf.float32) * cotangent)
-            if model.losses:
-                loss += tf.add_n(model.losses)
-        return tape.gradient(loss, [x] + model.trainable_variables)
-
-    def run():
-        for g in grad(x):
-            g.numpy()  # synchronize
-
-    return run
 
 
 def ours(path):
@@ -97,7 +76,7 @@ def ours(path):
     model.build(shape)
     x = keras.ops.convert_to_tensor(rng.normal(size=shape).astype(np.float32))
     cotangent = keras.ops.convert_to_tensor(rng.normal(size=shape).astype(np.float32))
-    return _grad_step(model, x, cotangent)
+    return tf_grad_step(model, x, cotangent)
 
 
 def model_garden():
@@ -116,7 +95,7 @@ def model_garden():
     x = tf.constant(rng.normal(size=(BATCH, SEQ, D)).astype(np.float32))
     cotangent = tf.constant(rng.normal(size=(BATCH, SEQ, D)).astype(np.float32))
     layer(x, training=True)  # build
-    return _grad_step(layer, x, cotangent)
+    return tf_grad_step(layer, x, cotangent)
 
 
 def worker(impl, paths, warmup, iters):

@@ -33,7 +33,7 @@ import keras
 import numpy as np
 
 import tf_moe
-from timing import time_step
+from timing import tf_grad_step, time_step
 from tf_moe.ops import custom_call
 from tf_moe.ops.plan import resolve_plan
 
@@ -110,26 +110,6 @@ def jax_step(layer, x, cotangent):
     return run
 
 
-def tf_step(layer, x, cotangent):
-    import tensorflow as tf
-
-    @tf.function(jit_compile=True)
-    def grad(x):
-        with tf.GradientTape() as tape:
-            tape.watch(x)
-            y = layer(x, training=True)
-            loss = tf.reduce_sum(tf.cast(y, tf.float32) * cotangent)
-            if layer.losses:
-                loss += tf.add_n(layer.losses)
-        return tape.gradient(loss, [x] + layer.trainable_variables)
-
-    def run():
-        for g in grad(x):
-            g.numpy() if g is not None else None  # noqa: B018 - synchronize
-
-    return run
-
-
 def bench(size, paths, warmup, iters):
     name, batch, seq, d, h, num_experts, k, capacity_factor, group_size, dtype = size
     tokens = batch * seq
@@ -146,7 +126,7 @@ def bench(size, paths, warmup, iters):
         keras.utils.set_random_seed(0)
         layer = build_layer(path, d, h, num_experts, k, capacity_factor, group_size, dtype)
         layer.build((tokens, d))
-        run = (jax_step if BACKEND == "jax" else tf_step)(layer, x, cotangent)
+        run = (jax_step if BACKEND == "jax" else tf_grad_step)(layer, x, cotangent)
         median, best = time_step(run, warmup, iters)
         rows.append(
             {

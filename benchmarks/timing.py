@@ -1,5 +1,6 @@
-"""The step timer every benchmark uses (no tf_moe import, so that a script can
-time other libraries with it in their own environment)."""
+"""The step timer every benchmark uses, and the TensorFlow gradient step they
+time (no tf_moe import, so that a script can time other libraries with it in
+their own environment)."""
 
 import statistics
 import time
@@ -15,3 +16,27 @@ def time_step(run, warmup, iters):
         run()
         times.append(time.perf_counter() - start)
     return statistics.median(times), min(times)
+
+
+def tf_grad_step(model, x, cotangent):
+    """A no-argument callable running one `jit_compile=True` forward+backward
+    step of `model` (TensorFlow): the gradients of <model(x), cotangent> plus
+    its `add_loss` losses w.r.t. x and every trainable weight."""
+    import tensorflow as tf
+
+    @tf.function(jit_compile=True)
+    def grad(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = model(x, training=True)
+            loss = tf.reduce_sum(tf.cast(y, tf.float32) * cotangent)
+            if model.losses:
+                loss += tf.add_n(model.losses)
+        return tape.gradient(loss, [x] + model.trainable_variables)
+
+    def run():
+        for g in grad(x):
+            if g is not None:
+                g.numpy()  # synchronize
+
+    return run
