@@ -26,6 +26,8 @@ setup(
         "tensorboard",
         "ml-collections",
         "sacrebleu",
+        # Trainer checkpoints (sharded, resharding on restore, atomic saves).
+        "orbax-checkpoint",
     ],
     extras_require={
         "test": ["jax[cpu]"],

@@ -39,6 +39,7 @@ def get_config():
         steps=400,
         checkpoint_every=100,
         keep_checkpoints=3,
+        async_checkpoints=False,   # Orbax saves in the background
         learning_rate=2e-3,
         warmup_steps=100,
         log_every=20,

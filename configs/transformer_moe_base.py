@@ -58,6 +58,7 @@ def get_config():
         steps=1000,
         checkpoint_every=200,
         keep_checkpoints=3,
+        async_checkpoints=False,   # Orbax saves in the background
         learning_rate=1e-3,
         warmup_steps=200,
         log_every=20,

@@ -153,6 +153,34 @@ class ExpertParallelTest(parameterized.TestCase):
         for got, want in zip(weights, want_weights):
             np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
+    def test_checkpoint_moves_between_meshes(self):
+        """Saved on batch:2,expert:4 (each process writes its shards),
+        restored onto expert:8 and onto one device: the same values, laid out
+        as the restoring model's variables are."""
+        from trainers.checkpoint import CheckpointManager
+
+        directory = self.create_tempdir().full_path
+        config = model_config("einsum")
+        results = []
+        for mesh in ("batch:2,expert:4", "expert:8", None):
+            keras.distribution.set_distribution(mesh and sharding.expert_parallel(mesh))
+            model = build(config)
+            model.optimizer.build(model.trainable_variables)
+            manager = CheckpointManager(directory)
+            if not results:
+                fit(model)
+                manager.save(3, model)
+            else:
+                self.assertEqual(manager.restore_latest(model), 3)
+            wi = model.get_layer("decoder_1_moe").experts.wi.value
+            experts_here = wi.addressable_shards[0].data.shape[0]
+            self.assertEqual(experts_here, {"batch:2,expert:4": 2, "expert:8": 1, None: E}[mesh])
+            results.append([np.asarray(v) for v in model.variables + model.optimizer.variables])
+            manager.close()
+        for restored in results[1:]:
+            for got, want in zip(restored, results[0]):
+                np.testing.assert_array_equal(got, want)
+
     def test_bad_meshes_name_the_numbers(self):
         with self.assertRaisesRegex(ValueError, r"batch x expert x model = 6.*8 devices"):
             sharding.expert_parallel("batch:2,expert:3")

@@ -15,6 +15,7 @@ import numpy as np
 from absl.testing import absltest
 
 import tiny_corpora
+from trainers.checkpoint import CheckpointManager
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS, EVERY = 40, 4
@@ -64,9 +65,14 @@ def _run(workdir, *overrides):
 
 
 def _final_state(workdir):
-    folder = os.path.join(workdir, "checkpoints", f"ckpt-{STEPS:09d}")
-    with np.load(os.path.join(folder, "state.npz")) as npz:
-        return [npz[f"arr_{i}"] for i in range(len(npz.files))]
+    manager = CheckpointManager(os.path.join(workdir, "checkpoints"))
+    return manager.read(STEPS)[1]
+
+
+def _largest_data_file(folder):
+    """The biggest file of a checkpoint folder (array data)."""
+    files = [os.path.join(root, name) for root, _, names in os.walk(folder) for name in names]
+    return max(files, key=os.path.getsize)
 
 
 def _summary(workdir):
@@ -113,7 +119,7 @@ class LstmMoeTrainerTest(absltest.TestCase):
             _command(workdir), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        first = os.path.join(workdir, "checkpoints", f"ckpt-{2 * EVERY:09d}")
+        first = os.path.join(workdir, "checkpoints", str(2 * EVERY), "commit_success.txt")
         deadline = time.time() + 300
         while not os.path.exists(first) and process.poll() is None:
             self.assertLess(time.time(), deadline, "no checkpoint within 300 s")
@@ -132,18 +138,64 @@ class LstmMoeTrainerTest(absltest.TestCase):
         self.assertEqual(summary["steps"], STEPS)
         self.assertSameFinalWeights(workdir)
 
+    def test_resume_after_sigkill_during_a_save(self):
+        """Killed while Orbax writes a checkpoint (its temporary folder
+        exists): the restart removes the partial save, resumes from the last
+        complete one and ends with the uninterrupted run's weights."""
+        workdir = tempfile.mkdtemp()
+        checkpoints = os.path.join(workdir, "checkpoints")
+        process = subprocess.Popen(
+            _command(workdir), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline, caught = time.time() + 300, False
+        while process.poll() is None and time.time() < deadline:
+            names = os.listdir(checkpoints) if os.path.isdir(checkpoints) else []
+            if any(".orbax-checkpoint-tmp" in n for n in names) and len(names) > 1:
+                process.send_signal(signal.SIGKILL)
+                caught = True
+                break
+            time.sleep(0.001)
+        process.wait()
+        self.assertTrue(caught, "never saw a save in progress")
+        code, log = _run(workdir)
+        self.assertEqual(code, 0, log[-3000:])
+        self.assertIn("Resuming from step", log)
+        self.assertFalse(any(".orbax-checkpoint-tmp" in n for n in os.listdir(checkpoints)))
+        self.assertSameFinalWeights(workdir)
+
+    def test_second_trainer_on_the_same_workdir_refuses(self):
+        workdir = tempfile.mkdtemp()
+        first = subprocess.Popen(
+            _command(workdir), cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True,
+        )
+        lock = os.path.join(workdir, "LOCK")
+        deadline = time.time() + 300
+        while not os.path.exists(lock) and first.poll() is None:
+            self.assertLess(time.time(), deadline, "no LOCK within 300 s")
+            time.sleep(0.01)
+        code, log = _run(workdir)
+        first_log, _ = first.communicate(timeout=600)
+        self.assertEqual(first.returncode, 0, first_log[-3000:])
+        self.assertNotEqual(code, 0)
+        self.assertIn(f"WorkdirInUseError: The workdir {workdir} is in use by process "
+                      f"{first.pid}", log)
+        self.assertNotIn("Traceback", log)
+        self.assertFalse(os.path.exists(lock))  # released at exit
+        self.assertSameFinalWeights(workdir)
+
     def test_damaged_latest_checkpoint_falls_back_to_previous(self):
         workdir = tempfile.mkdtemp()
         shutil.copytree(os.path.join(self.reference, "checkpoints"),
                         os.path.join(workdir, "checkpoints"))
-        latest = os.path.join(workdir, "checkpoints", f"ckpt-{STEPS:09d}", "state.npz")
+        latest = _largest_data_file(os.path.join(workdir, "checkpoints", str(STEPS)))
         with open(latest, "r+b") as f:
-            f.seek(200)
+            f.seek(os.path.getsize(latest) // 2)
             f.write(b"\x00garbage\x00")
         code, log = _run(workdir)
         self.assertEqual(code, 0, log[-3000:])
-        self.assertIn(f"ckpt-{STEPS:09d} is damaged", log)
-        self.assertIn("SHA-256", log)
+        self.assertIn(f"checkpoints/{STEPS} is damaged", log)
         self.assertEqual(_summary(workdir)["resumed_from_step"], STEPS - EVERY)
         self.assertSameFinalWeights(workdir)
 

@@ -9,18 +9,59 @@ Workdir layout:
     <workdir>/summary.json       final metrics
 """
 
+import atexit
 import contextlib
 import json
 import math
 import os
+import sys
 import time
 
 import keras
 import numpy as np
 
 import tf_moe
-from trainers.checkpoint import CheckpointManager
+from trainers.checkpoint import (
+    CheckpointError,
+    CheckpointManager,
+    CheckpointMismatchError,
+    CheckpointSaveError,
+    WorkdirInUseError,
+    WorkdirLock,
+)
 from trainers.distribution import is_chief
+
+_LOCKS = {}
+
+
+def claim_workdir(workdir):
+    """Creates `workdir` and holds its `WorkdirLock` until the process exits
+    (the chief process; the others share the chief's run). Idempotent.
+
+    Raises:
+        RuntimeError: another trainer holds the workdir (names it).
+    """
+    os.makedirs(workdir, exist_ok=True)
+    key = os.path.abspath(workdir)
+    if is_chief() and key not in _LOCKS:
+        _LOCKS[key] = WorkdirLock(workdir).acquire()
+        atexit.register(_LOCKS[key].release)
+
+
+def run_main(main):
+    """`main` for `absl.app.run`: the run's own errors (a checkpoint of
+    another model, a failed save, a workdir in use, a bad config) end it with
+    their message and exit code 1, without a traceback."""
+
+    def wrapped(argv):
+        try:
+            return main(argv)
+        except (CheckpointError, CheckpointMismatchError, CheckpointSaveError,
+                WorkdirInUseError, ValueError) as error:
+            print(f"ERROR: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
+            sys.exit(1)
+
+    return wrapped
 
 
 class Perplexity(keras.metrics.Metric):
@@ -166,11 +207,15 @@ def fit(model, make_train_data, config, workdir, tokens_per_step, validation_dat
     """
     train = config.train
     check_train_config(train)
-    os.makedirs(workdir, exist_ok=True)
+    claim_workdir(workdir)
     if is_chief():
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json(indent=2))
-    manager = CheckpointManager(os.path.join(workdir, "checkpoints"), keep=train.get("keep_checkpoints", 3))
+    manager = CheckpointManager(
+        os.path.join(workdir, "checkpoints"),
+        keep=train.get("keep_checkpoints", 3),
+        async_save=bool(train.get("async_checkpoints", False)),
+    )
     # Under tf.distribute the optimizer's variables are made in the strategy's
     # scope, like the model's.
     strategy = getattr(model, "distribute_strategy", None)
@@ -199,6 +244,7 @@ def fit(model, make_train_data, config, workdir, tokens_per_step, validation_dat
             verbose=verbose,
         )
         history = result.history
+    manager.close()  # waits for a background save
     return {
         "start_step": start,
         "final_step": int(keras.ops.convert_to_numpy(model.optimizer.iterations)),

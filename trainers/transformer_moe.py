@@ -259,4 +259,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(loop.run_main(main))
