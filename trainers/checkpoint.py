@@ -77,11 +77,11 @@ def _is_multi_process_array(value):
 
 def _value(variable):
     """What is saved for `variable`: its jax.Array on JAX (written shard by
-    shard), a NumPy array on TensorFlow."""
+    shard), a NumPy array on TensorFlow (a tf.distribute variable's value)."""
     value = variable.value
     if type(value).__module__.startswith("jax"):
         return value
-    return ops.convert_to_numpy(value)
+    return ops.convert_to_numpy(variable)
 
 
 def _digest(array):
@@ -97,7 +97,7 @@ def _target(variable):
         import jax
 
         return jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=value.sharding)
-    return np.zeros(tuple(variable.shape), dtype=ops.convert_to_numpy(value).dtype)
+    return np.zeros(tuple(variable.shape), dtype=_dtype_name(variable))
 
 
 def _dtype_name(variable):
