@@ -9,7 +9,7 @@ capacity 1, k = E), compares under jax.jit:
     d combine / d combine_weight (on routed choices; exactly 0 elsewhere),
 
 and prints ||custom - einsum|| / ||einsum|| per quantity. Then checks that an
-out-of-range position raises (XlaRuntimeError / JaxRuntimeError) instead of
+out-of-range position raises (also with d = 0, where no data moves) (XlaRuntimeError / JaxRuntimeError) instead of
 writing out of bounds.
 
 Dropless mode: the CUDA grouped matmul (cuBLAS) against a float64 numpy
@@ -136,15 +136,18 @@ def check_out_of_range():
         bad = np.asarray(getattr(routing, field)).copy()
         bad[g, s, j] = value
         r = routing._replace(**{field: jnp.asarray(bad)})
-        for op in ("dispatch", "combine"):
+        # d = 0: no data moves (the copy kernels do not run), the routing is
+        # checked all the same.
+        for op, d in (("dispatch", 32), ("combine", 32), ("dispatch", 0), ("combine", 0)):
             fn = dispatch_lib.DISPATCHERS["custom_call"][0 if op == "dispatch" else 1]
-            arg = jnp.ones((2, 16, 32)) if op == "dispatch" else jnp.ones((4, 2, 8, 32))
+            arg = jnp.ones((2, 16, d)) if op == "dispatch" else jnp.ones((4, 2, 8, d))
+            key = f"{op} d={d} {field}={value}"
             try:
                 jax.block_until_ready(jax.jit(lambda a: fn(a, r))(arg))
-                results[f"{op} {field}={value}"] = "NO ERROR (bad)"
+                results[key] = "NO ERROR (bad)"
             except Exception as error:  # noqa: BLE001 - reporting the type
                 message = str(error).splitlines()[0][:120]
-                results[f"{op} {field}={value}"] = f"{type(error).__name__}: {message}"
+                results[key] = f"{type(error).__name__}: {message}"
     # The device is still usable afterwards.
     results["after errors, 1 + 1 ="] = float(jax.jit(lambda a: a + 1)(jnp.ones(())))
     return results

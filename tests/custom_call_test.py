@@ -13,7 +13,10 @@ Checked in value and in gradient (x, expert outputs, combine_weight) eagerly
 (tf.function(jit_compile=True) / jax.jit: the typed XLA FFI handlers), for float32, bfloat16 and float16; on
 thousands of random routings (one expert for all, empty experts, capacity 1,
 k = E, tied weights, garbage indices where not routed); through `model.fit`;
-and out-of-range indices must raise, not crash.
+and out-of-range indices must raise, not crash (also with d = 0, where no
+data moves and XLA would drop a call without side effects). Bad attributes
+(num_experts, capacity outside [1, 2**31 - 1]) and outputs too large for int64
+must raise an error naming them, in every mode, never abort the process.
 
 The gradient w.r.t. combine_weight is compared on routed choices only: there
 the einsum path's one-hot tensor gives the same value; on choices that are not
@@ -202,6 +205,89 @@ def path_functions(path, num_experts, capacity):
     )
 
 
+def compiled_for(fn, mode, args):
+    """compiled(fn, mode); TF's "graph_dynamic" / "jit_dynamic": a
+    tf.function with every dimension unknown when traced, so that the shape
+    function cannot check the output and the CPU kernel / XLA lowering must."""
+    if not mode.endswith("_dynamic"):
+        return compiled(fn, mode)
+    import tensorflow as tf
+
+    signature = [tf.TensorSpec([None] * len(a.shape), tf.as_dtype(a.dtype)) for a in args]
+    return tf.function(fn, jit_compile=mode.startswith("jit"), input_signature=signature)
+
+
+# Every mode of this backend, for the error tests.
+ERROR_MODES = ("eager", "graph", "jit") + (
+    ("graph_dynamic", "jit_dynamic") if BACKEND == "tensorflow" else ()
+)
+
+
+def argument_errors():
+    """What a bad argument or attribute raises: InvalidArgumentError (TF
+    kernels and XLA) or ValueError (TF shape functions when tracing; the JAX
+    wrapper's checks), JaxRuntimeError (the JAX FFI handlers)."""
+    if BACKEND == "tensorflow":
+        import tensorflow as tf
+
+        return (tf.errors.InvalidArgumentError, ValueError)
+    import jax
+
+    return (ValueError, jax.errors.JaxRuntimeError)
+
+
+def raw_op(op, num_experts, capacity):
+    """The op itself (no gradient), called with its inputs: dispatch(x, idx,
+    pos, mask), combine(y, idx, pos, mask, w), combine_grad(grad, y, idx,
+    pos, mask, w) -> grad of y."""
+    attrs = dict(num_experts=num_experts, capacity=capacity)
+    if BACKEND == "tensorflow":
+        lib = custom_call.LIBRARY.tf_ops()
+        return {
+            "dispatch": lambda *a: lib.tf_moe_dispatch(*a, **attrs),
+            "combine": lambda *a: lib.tf_moe_combine(*a, **attrs),
+            "combine_grad": lambda *a: lib.tf_moe_combine_grad(*a, **attrs)[0],
+        }[op]
+    import jax
+
+    def dispatch(x, *routing):
+        g, _, d = x.shape
+        out = jax.ShapeDtypeStruct((num_experts, g, capacity, d), x.dtype)
+        return custom_call._ffi("tf_moe_dispatch", out, x, *routing, **attrs)
+
+    def combine(y, idx, *rest):
+        out = jax.ShapeDtypeStruct(idx.shape[:2] + y.shape[-1:], y.dtype)
+        return custom_call._ffi("tf_moe_combine", out, y, idx, *rest, **attrs)
+
+    return {
+        "dispatch": dispatch,
+        "combine": combine,
+        "combine_grad": lambda *a: raw_combine_grad(*a, **attrs),
+    }[op]
+
+
+def raw_inputs(op, groups, group_size, k, d, num_experts, capacity):
+    """Zero inputs of `op` for these sizes (numpy), no choice routed."""
+    routing = (
+        np.zeros((groups, group_size, k), np.int32),
+        np.zeros((groups, group_size, k), np.int32),
+        np.zeros((groups, group_size, k), bool),
+    )
+    weight = np.zeros((groups, group_size, k), np.float32)
+
+    def tokens():
+        return np.zeros((groups, group_size, d), np.float32)
+
+    def experts():
+        return np.zeros((num_experts, groups, capacity, d), np.float32)
+
+    if op == "dispatch":
+        return (tokens(),) + routing
+    if op == "combine":
+        return (experts(),) + routing + (weight,)
+    return (tokens(), experts()) + routing + (weight,)
+
+
 def raw_combine_grad(grad, y, idx, pos, mask, weight, num_experts, capacity):
     """The combine adjoint op itself (not through a forward combine)."""
     if BACKEND == "tensorflow":
@@ -357,11 +443,15 @@ class CustomCallTest(parameterized.TestCase):
                          "float32", f"op {op}")
 
     @parameterized.product(
-        mode=("eager", "jit"),
+        mode=("eager", "graph", "jit"),
         op=("dispatch", "combine", "combine_grad"),
         bad=(("position", 3), ("position", -1), ("expert_index", 4), ("expert_index", -2)),
+        d=(8, 0),
     )
-    def test_out_of_range_index_raises(self, mode, op, bad):
+    def test_out_of_range_index_raises(self, mode, op, bad, d):
+        # d = 0: nothing is copied, and the outputs have no elements (XLA
+        # drops such a call unless it is marked as having side effects); the
+        # routing is checked all the same.
         num_experts, capacity = 4, 3
         idx, pos, mask, weight = random_routings(
             np.random.default_rng(5), 2, 6, 2, num_experts, capacity
@@ -372,20 +462,103 @@ class CustomCallTest(parameterized.TestCase):
         dispatch, combine = path_functions("custom_call", num_experts, capacity)
         args = [ops.convert_to_tensor(a) for a in (idx, pos, mask)]
         w = ops.convert_to_tensor(weight)
-        x = ops.ones((2, 6, 8))
-        y = ops.ones((num_experts, 2, capacity, 8))
+        x = ops.ones((2, 6, d))
+        y = ops.ones((num_experts, 2, capacity, d))
         if op == "dispatch":
             fn = lambda: dispatch(x, *args)  # noqa: E731
         elif op == "combine":
             fn = lambda: combine(y, *args, w)  # noqa: E731
         else:
             fn = lambda: raw_combine_grad(  # noqa: E731
-                ops.ones((2, 6, 8)), y, *args, w, num_experts, capacity
+                ops.ones((2, 6, d)), y, *args, w, num_experts, capacity
             )
         with self.assertRaisesRegex(Exception, f"{field}={value} outside") as caught:
             to_numpy(compiled(fn, mode)())
         self.assertRegex(type(caught.exception).__name__,
                          "InvalidArgumentError|JaxRuntimeError|XlaRuntimeError")
+
+    @parameterized.product(
+        op=("dispatch", "combine", "combine_grad"),
+        mode=ERROR_MODES,
+        bad=(
+            ("capacity", 2**40), ("capacity", 2**62), ("capacity", 2**31), ("capacity", 0),
+            ("num_experts", 2**40), ("num_experts", 2**62), ("num_experts", 2**31),
+            ("num_experts", -1),
+        ),
+    )
+    def test_bad_attribute_raises(self, op, mode, bad):
+        """num_experts and capacity outside [1, 2**31 - 1] (expert_index and
+        position are int32) are an error naming the attribute and its value,
+        before anything is allocated (2**62: the [E, G, C, d] output would
+        overflow int64; TF's TensorShape and XLA's Shape abort on that)."""
+        attr, value = bad
+        attrs = dict(num_experts=2, capacity=2)
+        inputs = raw_inputs(op, 2, 3, 1, 4, **attrs)
+        attrs[attr] = value
+        fn = raw_op(op, **attrs)
+        if value < 1 and BACKEND == "tensorflow":
+            # TF's own check of the attribute's minimum ("int >= 1").
+            pattern = (rf"(?i)attr '{attr}' (of|of '\w+' Op passed) {value} "
+                       r"(must be at least|less than) minimum 1")
+        else:
+            pattern = (rf"`{attr}` must be in \[1, 2147483647\] \(`\w+` is int32\)\. "
+                       rf"Received: {attr}={value}")
+        with self.assertRaisesRegex(argument_errors(), pattern):
+            to_numpy(compiled_for(fn, mode, inputs)(*inputs))
+
+    @parameterized.product(op=("combine", "combine_grad"), mode=("eager", "jit"))
+    def test_ffi_handler_checks_attributes(self, op, mode):
+        """The XLA FFI handlers check the attributes themselves (a call that
+        does not go through the Python wrapper's checks)."""
+        inputs = raw_inputs(op, 2, 3, 1, 4, num_experts=2, capacity=2)
+        attrs = dict(num_experts=2, capacity=2**40)
+        if BACKEND == "tensorflow":
+            # The TF CPU kernels (eager) and the XLA lowering's handler.
+            fn = raw_op(op, **attrs)
+            errors = argument_errors()
+        else:
+            import jax
+
+            target = "tf_moe_" + op
+            results = jax.ShapeDtypeStruct(inputs[0].shape, np.float32)
+            if op == "combine":
+                results = jax.ShapeDtypeStruct((2, 3, 4), np.float32)
+            else:
+                results = (jax.ShapeDtypeStruct(inputs[1].shape, np.float32),
+                           jax.ShapeDtypeStruct(inputs[-1].shape, np.float32))
+            custom_call.LIBRARY.register_jax()
+            call = jax.ffi.ffi_call(target, results)
+            fn = lambda *a: call(  # noqa: E731
+                *a, **{name: np.int64(v) for name, v in attrs.items()})
+            errors = jax.errors.JaxRuntimeError
+        with self.assertRaisesRegex(
+            errors, r"`capacity` must be in \[1, 2147483647\].*Received: capacity=1099511627776"
+        ):
+            out = compiled(fn, mode)(*inputs)
+            to_numpy(out[0] if isinstance(out, (tuple, list)) else out)
+
+    @parameterized.product(op=("dispatch", "combine"), mode=ERROR_MODES)
+    def test_output_too_large_raises(self, op, mode):
+        """Inputs of no elements whose other dimensions are huge: the output
+        ([E, G, C, d] = [4, 2**30, 4, 2**30]; [G, S, d] = [1, 2**60, 8]) has
+        more than 2**63 - 1 bytes, an error naming its dimensions."""
+        if op == "dispatch":
+            inputs = raw_inputs(op, 2**30, 0, 1, 2**30, 4, 4)
+            tf_pattern = (r"`expert_inputs` \[num_experts, G, capacity, d\] must have "
+                          r"dimensions >= 0 and fit in int64.*Received: num_experts=4, "
+                          r"G=1073741824, capacity=4, d=1073741824")
+            jax_pattern = r"tf_moe_dispatch must have .* fit in int64.*shape=\(4, 1073741824"
+        else:
+            inputs = (np.zeros((4, 1, 4, 8), np.float32),) + raw_inputs(
+                op, 1, 2**60, 0, 0, 1, 1)[1:]
+            tf_pattern = (r"`outputs` \[G, S, d\] must have dimensions >= 0 and fit in "
+                          r"int64.*Received: G=1, S=1152921504606846976, d=8")
+            jax_pattern = r"tf_moe_combine must have .* fit in int64.*shape=\(1, 1152921504606846976, 8\)"
+        fn = raw_op(op, num_experts=4, capacity=4)
+        with self.assertRaisesRegex(
+            argument_errors(), tf_pattern if BACKEND == "tensorflow" else jax_pattern
+        ):
+            to_numpy(compiled_for(fn, mode, inputs)(*inputs))
 
     @parameterized.named_parameters(
         ("float32", "float32"), ("bfloat16", "mixed_bfloat16"), ("float16", "mixed_float16"),

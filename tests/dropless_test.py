@@ -24,7 +24,10 @@ eagerly (TF: CPU kernels; JAX: op by op), in a TF graph (CPU kernels) and
 compiled (TF jit_compile=True, jax.jit: the FFI handlers), in float32,
 bfloat16 and float16, for empty experts, all rows in one expert, an unused
 tail, and segments longer than a task or a 16-bit conversion chunk (so the
-parallel path runs); bad group_sizes must raise, not crash.
+parallel path runs); bad group_sizes must raise, not crash (also where the
+output has no elements, a call XLA would drop unless it is marked as having
+side effects), and so must an output too large for int64 (TF's TensorShape
+and XLA's Shape abort the process on one).
 
 Shape letters: G groups, S tokens per group, d model dim, h hidden dim,
 E experts, k choices per token, N buffer rows.
@@ -337,6 +340,40 @@ def runtime_error():
     return tf.errors.InvalidArgumentError
 
 
+# Every mode of this backend, for the error tests; TF's "*_dynamic": traced
+# with every dimension unknown, so that the shape function cannot check the
+# output and the CPU kernel / XLA lowering must.
+ERROR_MODES = ("eager", "graph", "jit") + (
+    ("graph_dynamic", "jit_dynamic") if BACKEND == "tensorflow" else ()
+)
+
+
+def compiled_for(fn, mode, args):
+    if mode == "eager":
+        return fn
+    if BACKEND == "jax":
+        return compiled(fn)
+    import tensorflow as tf
+
+    signature = None
+    if mode.endswith("_dynamic"):
+        signature = [tf.TensorSpec([None] * len(a.shape), tf.as_dtype(a.dtype)) for a in args]
+    return tf.function(fn, jit_compile=mode.startswith("jit"), input_signature=signature)
+
+
+def argument_errors():
+    """InvalidArgumentError (TF kernels, XLA) or ValueError (TF shape
+    functions when tracing; the JAX wrapper's checks), JaxRuntimeError (the
+    JAX FFI handlers)."""
+    if BACKEND == "jax":
+        import jax
+
+        return (ValueError, jax.errors.JaxRuntimeError)
+    import tensorflow as tf
+
+    return (tf.errors.InvalidArgumentError, ValueError)
+
+
 class CustomCallTest(parameterized.TestCase):
     """The C++ grouped matmul (TF op library, JAX FFI) on segment layouts."""
 
@@ -411,6 +448,63 @@ class CustomCallTest(parameterized.TestCase):
         self.assertEqual(out.shape, (4, 3) if op == "grouped_matmul" else (2, 2, 3))
         # All ones: each used row gives a = 2 per output; dK[e] = n_e per entry.
         self.assertEqual(out.sum(), 4 * 3 * 2 if op == "grouped_matmul" else (1 + 3) * 2 * 3)
+
+    @parameterized.product(
+        sizes=((-1, 3), (3, 2)),
+        op=("grouped_matmul", "kernel_grad"),
+        mode=("eager", "graph", "jit"),
+    )
+    def test_bad_group_sizes_raise_when_output_is_empty(self, sizes, op, mode):
+        """Output [N, b = 0] / kernel_grad [E, a = 0, b]: nothing to compute,
+        but the sizes are checked all the same."""
+        if op == "grouped_matmul":
+            inputs = (np.ones((4, 2), np.float32), np.ones((2, 2, 0), np.float32))
+        else:
+            inputs = (np.ones((4, 0), np.float32), np.ones((4, 3), np.float32))
+        inputs += (np.int32(sizes),)
+        fn = raw_custom_call()[0 if op == "grouped_matmul" else 1]
+        with self.assertRaisesRegex(runtime_error(), "`group_sizes` must"):
+            to_numpy(compiled_for(fn, mode, inputs)(*inputs))
+
+    @parameterized.product(op=("grouped_matmul", "kernel_grad"), mode=ERROR_MODES)
+    def test_output_too_large_raises(self, op, mode):
+        """Inputs of no elements whose other dimensions are huge: the output
+        (out [N, b] = [2**40, 2**40]; kernel_grad [E, a, b] = [3, 2**40,
+        2**40]) cannot fit in int64, an error naming its dimensions."""
+        big = 2**40
+        if op == "grouped_matmul":
+            inputs = (np.zeros((big, 0), np.float32), np.zeros((1, 0, big), np.float32),
+                      np.zeros((1,), np.int32))
+            tf_pattern = rf"`out` \[N, b\] must have .*fit in int64.*Received: N={big}, b={big}"
+            jax_pattern = rf"tf_moe_grouped_matmul must have .*fit in int64.*shape=\({big}, {big}\)"
+        else:
+            inputs = (np.zeros((0, big), np.float32), np.zeros((0, big), np.float32),
+                      np.zeros((3,), np.int32))
+            tf_pattern = (rf"`kernel_grad` \[E, a, b\] must have .*fit in int64.*"
+                          rf"Received: E=3, a={big}, b={big}")
+            jax_pattern = (rf"tf_moe_grouped_matmul_kernel_grad must have .*fit in int64.*"
+                           rf"shape=\(3, {big}, {big}\)")
+        fn = raw_custom_call()[0 if op == "grouped_matmul" else 1]
+        with self.assertRaisesRegex(
+            argument_errors(), tf_pattern if BACKEND == "tensorflow" else jax_pattern
+        ):
+            to_numpy(compiled_for(fn, mode, inputs)(*inputs))
+
+    @parameterized.parameters(2, -1)
+    def test_ffi_handler_checks_transpose_kernel(self, value):
+        """The FFI attribute transpose_kernel (int64) must be 0 or 1."""
+        if BACKEND != "jax":
+            self.skipTest("the TF op's transpose_kernel is a bool")
+        import jax
+
+        grouped_matmul_lib.LIBRARY.register_jax()
+        call = jax.ffi.ffi_call("tf_moe_grouped_matmul", jax.ShapeDtypeStruct((4, 3), np.float32))
+        with self.assertRaisesRegex(
+            jax.errors.JaxRuntimeError,
+            rf"`transpose_kernel` must be 0 or 1\. Received: transpose_kernel={value}",
+        ):
+            to_numpy(call(np.ones((4, 2), np.float32), np.ones((2, 2, 3), np.float32),
+                          np.int32([1, 3]), transpose_kernel=np.int64(value)))
 
     def test_grouped_matmul_with_bad_layout_raises(self):
         layout = layout_from_sizes((2, 2), 4)._replace(group_sizes=ops.convert_to_tensor(np.int32([5, 0])))

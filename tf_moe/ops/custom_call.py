@@ -144,13 +144,59 @@ def _tf_combine(expert_outputs, routing):
 # JAX.
 
 
-def _ffi(target, results, *args, num_experts, capacity):
+# Largest num_experts and capacity (kMaxRoutingAttr of cc/dispatch_core.h):
+# expert_index and position are int32.
+MAX_ROUTING_ATTR = 2**31 - 1
+_INT64_MAX = 2**63 - 1
+
+
+def _check_routing_attr(name, value, index_name):
+    if not 1 <= value <= MAX_ROUTING_ATTR:
+        raise ValueError(
+            f"tf_moe: `{name}` must be in [1, {MAX_ROUTING_ATTR}] (`{index_name}` "
+            f"is int32). Received: {name}={value}"
+        )
+
+
+def jax_ffi_call(target, results, *args, **attributes):
+    """`jax.ffi.ffi_call(target, results)(*args, **attributes)` plus what the
+    C++ handlers cannot do themselves, as they run only after XLA has made
+    the call: a result that cannot fit in int64 raises ValueError here
+    (jaxlib aborts the process on such a shape), and a call with a result of
+    no elements is marked as having side effects (XLA drops it otherwise, and
+    with it the handler's checks of the routing or group sizes)."""
     import jax
     import numpy as np
 
+    empty = False
+    for result in results if isinstance(results, (tuple, list)) else (results,):
+        size = 1
+        for dim in result.shape:
+            size *= dim
+            if dim < 0 or size > _INT64_MAX:
+                break
+        itemsize = np.dtype(result.dtype).itemsize
+        if min(result.shape, default=0) < 0 or size * itemsize > _INT64_MAX:
+            raise ValueError(
+                f"tf_moe: the result of {target} must have dimensions >= 0 and "
+                "fit in int64: at most 2**63 - 1 elements and bytes "
+                f"({itemsize} bytes each). Received: shape={tuple(result.shape)}"
+            )
+        empty = empty or size == 0
+    return jax.ffi.ffi_call(target, results, has_side_effect=empty)(
+        *args, **attributes
+    )
+
+
+def _ffi(target, results, *args, num_experts, capacity):
+    import numpy as np
+
+    _check_routing_attr("num_experts", num_experts, "expert_index")
+    _check_routing_attr("capacity", capacity, "position")
     LIBRARY.register_jax()
-    return jax.ffi.ffi_call(target, results)(
-        *args, num_experts=np.int64(num_experts), capacity=np.int64(capacity)
+    return jax_ffi_call(
+        target, results, *args, num_experts=np.int64(num_experts),
+        capacity=np.int64(capacity),
     )
 
 

@@ -33,6 +33,7 @@ import functools
 import keras
 from keras import ops
 
+from tf_moe.ops.custom_call import jax_ffi_call
 from tf_moe.ops.library import CustomCallUnavailableError, NativeLibrary, jax_platform
 
 
@@ -122,9 +123,10 @@ def _jax_ffi_grouped_matmul(rows, kernel, group_sizes, transpose_kernel=False):
 
     LIBRARY.register_jax()
     out_dim = kernel.shape[1] if transpose_kernel else kernel.shape[2]
-    return jax.ffi.ffi_call(
-        "tf_moe_grouped_matmul", jax.ShapeDtypeStruct((rows.shape[0], out_dim), rows.dtype)
-    )(rows, kernel, group_sizes, transpose_kernel=np.int64(transpose_kernel))
+    return jax_ffi_call(
+        "tf_moe_grouped_matmul", jax.ShapeDtypeStruct((rows.shape[0], out_dim), rows.dtype),
+        rows, kernel, group_sizes, transpose_kernel=np.int64(transpose_kernel),
+    )
 
 
 def _jax_ffi_kernel_grad(rows, grad, group_sizes):
@@ -134,9 +136,10 @@ def _jax_ffi_kernel_grad(rows, grad, group_sizes):
 
     LIBRARY.register_jax()
     shape = (group_sizes.shape[0], rows.shape[1], grad.shape[1])
-    return jax.ffi.ffi_call(
-        "tf_moe_grouped_matmul_kernel_grad", jax.ShapeDtypeStruct(shape, rows.dtype)
-    )(rows, grad, group_sizes)
+    return jax_ffi_call(
+        "tf_moe_grouped_matmul_kernel_grad", jax.ShapeDtypeStruct(shape, rows.dtype),
+        rows, grad, group_sizes,
+    )
 
 
 @functools.lru_cache(maxsize=None)
@@ -158,11 +161,12 @@ def _jax_grouped_matmul():
         if jax_platform() == "gpu":
             # One call for both (one read of group_sizes; the GEMMs of both
             # run together over the CUDA streams).
-            d_rows, d_kernel = jax.ffi.ffi_call(
+            d_rows, d_kernel = jax_ffi_call(
                 "tf_moe_grouped_matmul_grad",
                 (jax.ShapeDtypeStruct(rows.shape, rows.dtype),
                  jax.ShapeDtypeStruct(kernel.shape, kernel.dtype)),
-            )(rows, kernel, grad, group_sizes)
+                rows, kernel, grad, group_sizes,
+            )
         else:
             d_rows = _jax_ffi_grouped_matmul(grad, kernel, group_sizes, transpose_kernel=True)
             d_kernel = _jax_ffi_kernel_grad(rows, grad, group_sizes)

@@ -28,6 +28,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <initializer_list>
 #include <string>
 #include <vector>
 
@@ -139,8 +140,81 @@ struct RoutingView {
   }
 };
 
+// ---------------------------------------------------------------------------
+// Attribute and size checks, run before any buffer or shape is made from the
+// attributes (TF's TensorShape and XLA's Shape abort the process on a size
+// that overflows int64 instead of returning an error). Each returns an empty
+// string if the check passes, else the message (without the "tf_moe: "
+// prefix), with the numbers.
+
+// Largest num_experts and capacity: expert_index and position are int32, so
+// no routed choice can name an expert or a slot past 2**31 - 1.
+constexpr int64_t kMaxRoutingAttr = 2147483647;
+
+// `name` (an attribute: num_experts or capacity) is in [1, kMaxRoutingAttr].
+inline std::string CheckRoutingAttr(const char* name, int64_t value,
+                                    const char* index_name) {
+  if (value >= 1 && value <= kMaxRoutingAttr) return std::string();
+  return std::string("`") + name + "` must be in [1, " +
+         std::to_string(kMaxRoutingAttr) + "] (`" + index_name +
+         "` is int32). Received: " + name + "=" + std::to_string(value);
+}
+
+inline std::string ValidateRoutingAttrs(int64_t num_experts,
+                                        int64_t capacity) {
+  std::string message =
+      CheckRoutingAttr("num_experts", num_experts, "expert_index");
+  if (message.empty()) {
+    message = CheckRoutingAttr("capacity", capacity, "position");
+  }
+  return message;
+}
+
+// One dimension of a buffer, with the name the user knows it by.
+struct NamedDim {
+  const char* name;
+  int64_t value;
+};
+
+// A buffer `name` of dimensions `dims` and `element_bytes`-byte elements can
+// exist: every dimension >= 0, and the running product of the dimensions (in
+// order, as TensorShape and XLA's Shape compute it) and then of the element
+// size stays within int64.
+inline std::string CheckBufferSize(const char* name,
+                                   std::initializer_list<NamedDim> dims,
+                                   int64_t element_bytes) {
+  constexpr int64_t kMax = INT64_MAX;
+  bool ok = true;
+  int64_t product = 1;
+  for (const NamedDim& dim : dims) {
+    if (dim.value < 0) {
+      ok = false;
+      break;
+    }
+    if (dim.value != 0 && product > kMax / dim.value) {
+      ok = false;
+      break;
+    }
+    product *= dim.value;
+  }
+  if (ok && element_bytes > 1 && product > kMax / element_bytes) ok = false;
+  if (ok) return std::string();
+  std::string names, received;
+  size_t i = 0;
+  for (const NamedDim& dim : dims) {
+    const std::string sep = i++ ? ", " : "";
+    names += sep + dim.name;
+    received += sep + dim.name + "=" + std::to_string(dim.value);
+  }
+  return std::string("`") + name + "` [" + names +
+         "] must have dimensions >= 0 and fit in int64: at most 2**63 - 1 "
+         "elements and bytes (" + std::to_string(element_bytes) +
+         " bytes each). Received: " + received;
+}
+
 // Empty string if every routed choice has 0 <= expert < E and 0 <= position
 // < C; otherwise a message naming the first bad choice and its numbers.
+// Checked whatever the model dim d (also d = 0, where no data moves).
 inline std::string ValidateRouting(const RoutingView& r) {
   const int64_t n = r.num_choices();
   for (int64_t i = 0; i < n; ++i) {

@@ -4,9 +4,11 @@
 // One thread block per token; threads stride over d with 16-byte vector
 // loads and stores where the row allows it. Every routed choice's
 // (expert, position) is checked on the device: a bad one is skipped (nothing
-// is written out of bounds) and recorded; the handler then reads the record
-// back (one 8-byte copy and a stream synchronization per call) and returns
-// InvalidArgument with the same message as the CPU handlers.
+// is written out of bounds) and recorded (with d = 0, where those kernels do
+// not run, ValidateRoutingKernel checks the choices alone); the handler then
+// reads the record back (one 8-byte copy and a stream synchronization per
+// call) and returns InvalidArgument with the same message as the CPU
+// handlers.
 //
 // Targets (JAX: jax.ffi.register_ffi_target(name, pycapsule, platform="CUDA")):
 //   tf_moe_dispatch      TfMoeDispatchCuda
@@ -20,6 +22,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <string>
 
@@ -187,6 +190,25 @@ __global__ void CombineGradKernel(const T* __restrict__ dout,
 }
 
 // ---------------------------------------------------------------------------
+// Routing check alone, for calls that move no data (d = 0): the kernels above
+// then do not run, but a bad routed choice must still be an error. One
+// thread per choice (grid-stride).
+
+__global__ void ValidateRoutingKernel(RoutingView r, int64_t num_choices,
+                                      unsigned long long* error) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+       i < num_choices; i += stride) {
+    if (!r.dispatch_mask[i]) continue;
+    const int64_t e = r.expert_index[i];
+    const int64_t c = r.position[i];
+    if (e < 0 || e >= r.num_experts || c < 0 || c >= r.capacity) {
+      atomicMin(error, static_cast<unsigned long long>(i));
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------
 // Launch helpers.
 
 int ThreadsFor(int64_t units) {
@@ -200,6 +222,18 @@ ffi::Error CudaError(const char* what) {
   if (status == cudaSuccess) return ffi::Error::Success();
   return ffi::Error::Internal(std::string("tf_moe: CUDA error in ") + what +
                               ": " + cudaGetErrorString(status));
+}
+
+// Launches ValidateRoutingKernel over all of r's choices (none: no launch).
+ffi::Error LaunchValidateRouting(const RoutingView& r, cudaStream_t stream,
+                                 unsigned long long* flag) {
+  const int64_t n = r.num_choices();
+  if (n == 0) return ffi::Error::Success();
+  constexpr int kThreads = 256;
+  const int64_t blocks = std::min<int64_t>((n + kThreads - 1) / kThreads,
+                                           65535);
+  ValidateRoutingKernel<<<blocks, kThreads, 0, stream>>>(r, n, flag);
+  return CudaError("routing check launch");
 }
 
 // Scratch flag holding the first bad choice (kNoError if none).
@@ -299,6 +333,8 @@ ffi::Error DispatchCuda(cudaStream_t stream, ffi::ScratchAllocator scratch,
     } else {
       launch(uint16_t{});
     }
+  } else if (auto e = LaunchValidateRouting(r, stream, *flag); !e.success()) {
+    return e;
   }
   if (auto e = CudaError("dispatch launch"); !e.success()) return e;
   return CheckErrorFlag(*flag, r, stream);
@@ -332,6 +368,8 @@ ffi::Error CombineCuda(cudaStream_t stream, ffi::ScratchAllocator scratch,
           return CudaError("combine launch");
         });
     if (!status.success()) return status;
+  } else if (auto e = LaunchValidateRouting(r, stream, *flag); !e.success()) {
+    return e;
   }
   return CheckErrorFlag(*flag, r, stream);
 }
@@ -375,6 +413,8 @@ ffi::Error CombineGradCuda(cudaStream_t stream, ffi::ScratchAllocator scratch,
           return CudaError("combine_grad launch");
         });
     if (!status.success()) return status;
+  } else if (auto e = LaunchValidateRouting(r, stream, *flag); !e.success()) {
+    return e;
   }
   return CheckErrorFlag(*flag, r, stream);
 }

@@ -51,12 +51,17 @@ inline ffi::Error ShapeError(const char* what, ffi::Span<const int64_t> got,
 }
 
 // Fills `r` (pointers and sizes, not index values: those are checked by the
-// kernels) from the routing buffers; checks their shapes agree.
+// kernels) from the routing buffers; checks the attributes num_experts and
+// capacity (ValidateRoutingAttrs) and that the routing shapes agree.
 inline ffi::Error MakeRoutingView(const IndexBuffer& expert_index,
                                   const IndexBuffer& position,
                                   const MaskBuffer& dispatch_mask,
                                   int64_t num_experts, int64_t capacity,
                                   RoutingView* r) {
+  if (std::string message = ValidateRoutingAttrs(num_experts, capacity);
+      !message.empty()) {
+    return ffi::Error::InvalidArgument("tf_moe: " + message);
+  }
   auto dims = expert_index.dimensions();
   if (dims.size() != 3) {
     return ffi::Error::InvalidArgument(
@@ -70,12 +75,6 @@ inline ffi::Error MakeRoutingView(const IndexBuffer& expert_index,
   if (!DimsEqual(dispatch_mask.dimensions(), {dims[0], dims[1], dims[2]})) {
     return ShapeError("dispatch_mask", dispatch_mask.dimensions(),
                       {dims[0], dims[1], dims[2]});
-  }
-  if (num_experts < 1 || capacity < 1) {
-    return ffi::Error::InvalidArgument(
-        "tf_moe: `num_experts` and `capacity` must be >= 1. Received: "
-        "num_experts=" + std::to_string(num_experts) +
-        ", capacity=" + std::to_string(capacity));
   }
   r->expert_index = expert_index.typed_data();
   r->position = position.typed_data();

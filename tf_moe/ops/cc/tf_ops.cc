@@ -12,7 +12,9 @@
 // and dispatch_mask <bool>[G, S, k]. Gradients are registered in Python
 // (tf_moe/ops/custom_call.py). Math: dispatch_core.h.
 
+#include <initializer_list>
 #include <string>
+#include <vector>
 
 #include "tensorflow/compiler/tf2xla/xla_op_kernel.h"
 #include "tensorflow/compiler/tf2xla/xla_op_registry.h"
@@ -65,6 +67,15 @@ absl::Status RoutingShape(InferenceContext* c, int first, ShapeHandle* out) {
   return absl::OkStatus();
 }
 
+// The attributes num_experts and capacity, checked (ValidateRoutingAttrs):
+// the attribute definitions give the minimum 1, this also the maximum.
+absl::Status GetRoutingAttrs(InferenceContext* c, int64_t* num_experts,
+                             int64_t* capacity) {
+  TF_RETURN_IF_ERROR(c->GetAttr("num_experts", num_experts));
+  TF_RETURN_IF_ERROR(c->GetAttr("capacity", capacity));
+  return CheckStatus(ValidateRoutingAttrs(*num_experts, *capacity));
+}
+
 REGISTER_OP("TfMoeDispatch")
     .Input("x: T")
     .Input("expert_index: int32")
@@ -75,15 +86,17 @@ REGISTER_OP("TfMoeDispatch")
     .Attr("num_experts: int >= 1")
     .Attr("capacity: int >= 1")
     .SetShapeFn([](InferenceContext* c) {
+      int64_t num_experts, capacity;
+      TF_RETURN_IF_ERROR(GetRoutingAttrs(c, &num_experts, &capacity));
       ShapeHandle x, routing;
       TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 3, &x));
       TF_RETURN_IF_ERROR(RoutingShape(c, 1, &routing));
-      int64_t num_experts, capacity;
-      TF_RETURN_IF_ERROR(c->GetAttr("num_experts", &num_experts));
-      TF_RETURN_IF_ERROR(c->GetAttr("capacity", &capacity));
-      c->set_output(0, c->MakeShape({c->MakeDim(num_experts), c->Dim(x, 0),
-                                     c->MakeDim(capacity), c->Dim(x, 2)}));
-      return absl::OkStatus();
+      return SetCheckedOutput(c, 0, "expert_inputs",
+                              {{"num_experts", num_experts},
+                               {"G", c->Value(c->Dim(x, 0))},
+                               {"capacity", capacity},
+                               {"d", c->Value(c->Dim(x, 2))}},
+                              "T");
     })
     .Doc("Dispatch x [G, S, d] into expert buffers [E, G, C, d] (tf_moe).");
 
@@ -98,12 +111,16 @@ REGISTER_OP("TfMoeCombine")
     .Attr("num_experts: int >= 1")
     .Attr("capacity: int >= 1")
     .SetShapeFn([](InferenceContext* c) {
+      int64_t num_experts, capacity;
+      TF_RETURN_IF_ERROR(GetRoutingAttrs(c, &num_experts, &capacity));
       ShapeHandle y, routing;
       TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 4, &y));
       TF_RETURN_IF_ERROR(RoutingShape(c, 1, &routing));
-      c->set_output(0, c->MakeShape({c->Dim(routing, 0), c->Dim(routing, 1),
-                                     c->Dim(y, 3)}));
-      return absl::OkStatus();
+      return SetCheckedOutput(c, 0, "outputs",
+                              {{"G", c->Value(c->Dim(routing, 0))},
+                               {"S", c->Value(c->Dim(routing, 1))},
+                               {"d", c->Value(c->Dim(y, 3))}},
+                              "T");
     })
     .Doc("Weighted combine of expert buffers [E, G, C, d] to [G, S, d].");
 
@@ -120,6 +137,8 @@ REGISTER_OP("TfMoeCombineGrad")
     .Attr("num_experts: int >= 1")
     .Attr("capacity: int >= 1")
     .SetShapeFn([](InferenceContext* c) {
+      int64_t num_experts, capacity;
+      TF_RETURN_IF_ERROR(GetRoutingAttrs(c, &num_experts, &capacity));
       c->set_output(0, c->input(1));
       c->set_output(1, c->input(5));
       return absl::OkStatus();
@@ -135,11 +154,13 @@ class RoutingKernel : public OpKernel {
   explicit RoutingKernel(OpKernelConstruction* ctx) : OpKernel(ctx) {
     OP_REQUIRES_OK(ctx, ctx->GetAttr("num_experts", &num_experts_));
     OP_REQUIRES_OK(ctx, ctx->GetAttr("capacity", &capacity_));
+    OP_REQUIRES_OK(ctx,
+                   CheckStatus(ValidateRoutingAttrs(num_experts_, capacity_)));
   }
 
  protected:
   // Reads routing inputs first..first+2 (and the [G, S, k] input `weight` if
-  // >= 0) into `r`, checking shapes and every routed index.
+  // >= 0) into `r`, checking shapes and every routed index (whatever d).
   absl::Status GetRouting(OpKernelContext* ctx, int first, int weight,
                           RoutingView* r) {
     const Tensor& expert_index = ctx->input(first);
@@ -171,10 +192,9 @@ class RoutingKernel : public OpKernel {
     return absl::OkStatus();
   }
 
-  // Checks tokens [G, S, d] and expert buffers [E, G, C, d]; returns d.
-  absl::Status CheckData(const RoutingView& r, const Tensor& tokens,
-                         const char* tokens_name, const TensorShape& experts,
-                         const char* experts_name, int64_t* d) {
+  // Checks tokens [G, S, d]; returns d.
+  absl::Status CheckTokens(const RoutingView& r, const Tensor& tokens,
+                           const char* tokens_name, int64_t* d) {
     if (tokens.dims() != 3 || tokens.dim_size(0) != r.groups ||
         tokens.dim_size(1) != r.group_size) {
       return errors::InvalidArgument(
@@ -182,10 +202,19 @@ class RoutingKernel : public OpKernel {
           r.group_size, ", d]. Received: ", tokens.shape().DebugString());
     }
     *d = tokens.dim_size(2);
-    if (experts != TensorShape({r.num_experts, r.groups, r.capacity, *d})) {
+    return absl::OkStatus();
+  }
+
+  // Checks an expert buffer is [E, G, C, d] (compared dimension by
+  // dimension: a TensorShape of E, C from the attributes could overflow).
+  absl::Status CheckExperts(const RoutingView& r, const TensorShape& experts,
+                            const char* experts_name, int64_t d) {
+    if (experts.dims() != 4 || experts.dim_size(0) != r.num_experts ||
+        experts.dim_size(1) != r.groups || experts.dim_size(2) != r.capacity ||
+        experts.dim_size(3) != d) {
       return errors::InvalidArgument(
           "tf_moe: `", experts_name, "` must have shape [", r.num_experts,
-          ", ", r.groups, ", ", r.capacity, ", ", *d,
+          ", ", r.groups, ", ", r.capacity, ", ", d,
           "]. Received: ", experts.DebugString());
     }
     return absl::OkStatus();
@@ -203,11 +232,15 @@ class DispatchOp : public RoutingKernel {
     RoutingView r;
     OP_REQUIRES_OK(ctx, GetRouting(ctx, 1, -1, &r));
     const Tensor& x = ctx->input(0);
-    const TensorShape out_shape(
-        {num_experts_, x.dims() == 3 ? x.dim_size(0) : 0, capacity_,
-         x.dims() == 3 ? x.dim_size(2) : 0});
     int64_t d;
-    OP_REQUIRES_OK(ctx, CheckData(r, x, "x", out_shape, "output", &d));
+    OP_REQUIRES_OK(ctx, CheckTokens(r, x, "x", &d));
+    TensorShape out_shape;
+    OP_REQUIRES_OK(ctx, CheckedTensorShape("expert_inputs",
+                                           {{"num_experts", num_experts_},
+                                            {"G", r.groups},
+                                            {"capacity", capacity_},
+                                            {"d", d}},
+                                           x.dtype(), &out_shape));
     Tensor* out;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, out_shape, &out));
     Dispatch(Data<T>(x), r, d, MutableData<T>(out));
@@ -226,12 +259,15 @@ class CombineOp : public RoutingKernel {
                 errors::InvalidArgument(
                     "tf_moe: `expert_outputs` must have rank 4. Received: ",
                     y.shape().DebugString()));
-    const TensorShape out_shape({r.groups, r.group_size, y.dim_size(3)});
+    const int64_t d = y.dim_size(3);
+    OP_REQUIRES_OK(ctx, CheckExperts(r, y.shape(), "expert_outputs", d));
+    TensorShape out_shape;
+    OP_REQUIRES_OK(ctx, CheckedTensorShape(
+                            "outputs",
+                            {{"G", r.groups}, {"S", r.group_size}, {"d", d}},
+                            y.dtype(), &out_shape));
     Tensor* out;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, out_shape, &out));
-    int64_t d;
-    OP_REQUIRES_OK(ctx, CheckData(r, *out, "output", y.shape(),
-                                  "expert_outputs", &d));
     Combine(Data<T>(y), r, ctx->input(4).flat<float>().data(), d,
             MutableData<T>(out));
   }
@@ -247,8 +283,8 @@ class CombineGradOp : public RoutingKernel {
     const Tensor& grad_output = ctx->input(0);
     const Tensor& y = ctx->input(1);
     int64_t d;
-    OP_REQUIRES_OK(ctx, CheckData(r, grad_output, "grad_output", y.shape(),
-                                  "expert_outputs", &d));
+    OP_REQUIRES_OK(ctx, CheckTokens(r, grad_output, "grad_output", &d));
+    OP_REQUIRES_OK(ctx, CheckExperts(r, y.shape(), "expert_outputs", d));
     Tensor* dy;
     Tensor* dw;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, y.shape(), &dy));
@@ -284,11 +320,15 @@ class FfiCallOp : public XlaOpKernel {
       : XlaOpKernel(ctx), target_(std::move(target)) {
     OP_REQUIRES_OK(ctx, ctx->GetAttr("num_experts", &num_experts_));
     OP_REQUIRES_OK(ctx, ctx->GetAttr("capacity", &capacity_));
+    OP_REQUIRES_OK(ctx,
+                   CheckStatus(ValidateRoutingAttrs(num_experts_, capacity_)));
   }
 
  protected:
   // The custom call on all inputs; `shape` is its result (a tuple for
-  // several outputs).
+  // several outputs). A call with a result of no elements (d = 0) is marked
+  // as having side effects, so that XLA keeps it and the handler checks the
+  // routing (HasZeroElementArray).
   xla::XlaOp Call(XlaOpKernelContext* ctx, const xla::Shape& shape) {
     std::vector<xla::XlaOp> operands;
     for (int i = 0; i < ctx->num_inputs(); ++i) operands.push_back(ctx->Input(i));
@@ -297,17 +337,21 @@ class FfiCallOp : public XlaOpKernel {
         "{num_experts = " + std::to_string(num_experts_) +
         " : i64, capacity = " + std::to_string(capacity_) + " : i64}";
     return xla::CustomCall(ctx->builder(), target_, operands, shape,
-                           attributes, /*has_side_effect=*/false,
+                           attributes,
+                           /*has_side_effect=*/HasZeroElementArray(shape),
                            /*output_operand_aliasing=*/{}, /*literal=*/nullptr,
                            xla::CustomCallSchedule::SCHEDULE_NONE,
                            xla::CustomCallApiVersion::API_VERSION_TYPED_FFI);
   }
 
-  // The call with one result, of input 0's dtype and shape `dims`.
-  void SetCallOutput(XlaOpKernelContext* ctx,
-                     absl::Span<const int64_t> dims) {
-    ctx->SetOutput(
-        0, Call(ctx, xla::ShapeUtil::MakeShape(ctx->input_xla_type(0), dims)));
+  // The call with one result `name`, of input 0's dtype and shape `dims`
+  // (checked first: CheckedXlaShape).
+  void SetCallOutput(XlaOpKernelContext* ctx, const char* name,
+                     std::initializer_list<NamedDim> dims) {
+    xla::Shape shape;
+    OP_REQUIRES_OK(ctx, CheckedXlaShape(name, dims, ctx->input_xla_type(0),
+                                        &shape));
+    ctx->SetOutput(0, Call(ctx, shape));
   }
 
   std::string target_;
@@ -324,8 +368,11 @@ class DispatchXlaOp : public FfiCallOp {
     OP_REQUIRES(ctx, x.dims() == 3,
                 errors::InvalidArgument("tf_moe: `x` must have rank 3. "
                                         "Received: ", x.DebugString()));
-    SetCallOutput(ctx, {num_experts_, x.dim_size(0), capacity_,
-                        x.dim_size(2)});
+    SetCallOutput(ctx, "expert_inputs",
+                  {{"num_experts", num_experts_},
+                   {"G", x.dim_size(0)},
+                   {"capacity", capacity_},
+                   {"d", x.dim_size(2)}});
   }
 };
 
@@ -341,8 +388,10 @@ class CombineXlaOp : public FfiCallOp {
                     "tf_moe: `expert_outputs` must have rank 4 and the routing "
                     "rank 3. Received: ", y.DebugString(), ", ",
                     routing.DebugString()));
-    SetCallOutput(ctx,
-                  {routing.dim_size(0), routing.dim_size(1), y.dim_size(3)});
+    SetCallOutput(ctx, "outputs",
+                  {{"G", routing.dim_size(0)},
+                   {"S", routing.dim_size(1)},
+                   {"d", y.dim_size(3)}});
   }
 };
 

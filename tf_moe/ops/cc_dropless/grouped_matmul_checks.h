@@ -43,6 +43,11 @@ inline ffi::Error CheckGroupedMatmul(const ffi::AnyBuffer& rows,
                                      const ffi::Buffer<ffi::S32>& group_sizes,
                                      int64_t transpose_kernel,
                                      const ffi::AnyBuffer& out) {
+  if (transpose_kernel != 0 && transpose_kernel != 1) {
+    return ffi::Error::InvalidArgument(
+        "tf_moe: `transpose_kernel` must be 0 or 1. Received: "
+        "transpose_kernel=" + std::to_string(transpose_kernel));
+  }
   auto r = rows.dimensions();
   auto k = kernel.dimensions();
   auto s = group_sizes.dimensions();

@@ -19,6 +19,7 @@
 // Shape letters: N rows, a input dim, b output dim, E experts.
 
 #include <cstring>
+#include <initializer_list>
 #include <string>
 #include <vector>
 
@@ -90,9 +91,11 @@ REGISTER_OP("TfMoeGroupedMatmul")
       TF_RETURN_IF_ERROR(c->Merge(c->Dim(kernel, 0), c->Dim(sizes, 0), &unused));
       TF_RETURN_IF_ERROR(c->Merge(c->Dim(rows, 1),
                                   c->Dim(kernel, transpose ? 2 : 1), &unused));
-      c->set_output(0, c->MakeShape({c->Dim(rows, 0),
-                                     c->Dim(kernel, transpose ? 1 : 2)}));
-      return absl::OkStatus();
+      return SetCheckedOutput(
+          c, 0, "out",
+          {{"N", c->Value(c->Dim(rows, 0))},
+           {"b", c->Value(c->Dim(kernel, transpose ? 1 : 2))}},
+          "T");
     })
     .Doc("Grouped matmul over expert segments (tf_moe dropless): "
          "out[r] = rows[r] @ kernel[expert(r)].");
@@ -110,9 +113,11 @@ REGISTER_OP("TfMoeGroupedMatmulKernelGrad")
       TF_RETURN_IF_ERROR(c->WithRank(c->input(2), 1, &sizes));
       DimensionHandle unused;
       TF_RETURN_IF_ERROR(c->Merge(c->Dim(rows, 0), c->Dim(grad, 0), &unused));
-      c->set_output(0, c->MakeShape({c->Dim(sizes, 0), c->Dim(rows, 1),
-                                     c->Dim(grad, 1)}));
-      return absl::OkStatus();
+      return SetCheckedOutput(c, 0, "kernel_grad",
+                              {{"E", c->Value(c->Dim(sizes, 0))},
+                               {"a", c->Value(c->Dim(rows, 1))},
+                               {"b", c->Value(c->Dim(grad, 1))}},
+                              "T");
     })
     .Doc("Kernel gradient of TfMoeGroupedMatmul: "
          "kernel_grad[e] = rows_e^T @ grad_e.");
@@ -172,9 +177,12 @@ class GroupedMatmulOp : public OpKernel {
     const int64_t num_experts = kernel.dim_size(0);
     OP_REQUIRES_OK(ctx, CheckGroupSizes(rows, group_sizes, num_experts));
     const int64_t b = kernel.dim_size(transpose_kernel_ ? 1 : 2);
+    TensorShape out_shape;
+    OP_REQUIRES_OK(ctx, CheckedTensorShape(
+                            "out", {{"N", rows.dim_size(0)}, {"b", b}},
+                            rows.dtype(), &out_shape));
     Tensor* out;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(
-                            0, TensorShape({rows.dim_size(0), b}), &out));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, out_shape, &out));
     GroupedMatmul(Data<T>(rows), Data<T>(kernel),
                   group_sizes.flat<int32_t>().data(), rows.dim_size(0),
                   num_experts, rows.dim_size(1), b, transpose_kernel_,
@@ -206,12 +214,15 @@ class GroupedMatmulKernelGradOp : public OpKernel {
                     group_sizes.shape().DebugString()));
     const int64_t num_experts = group_sizes.dim_size(0);
     OP_REQUIRES_OK(ctx, CheckGroupSizes(rows, group_sizes, num_experts));
+    TensorShape kernel_grad_shape;
+    OP_REQUIRES_OK(ctx, CheckedTensorShape("kernel_grad",
+                                           {{"E", num_experts},
+                                            {"a", rows.dim_size(1)},
+                                            {"b", grad.dim_size(1)}},
+                                           rows.dtype(), &kernel_grad_shape));
     Tensor* kernel_grad;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(
-                            0,
-                            TensorShape({num_experts, rows.dim_size(1),
-                                         grad.dim_size(1)}),
-                            &kernel_grad));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, kernel_grad_shape,
+                                             &kernel_grad));
     GroupedMatmulKernelGrad(Data<T>(rows), Data<T>(grad),
                             group_sizes.flat<int32_t>().data(),
                             rows.dim_size(0), num_experts, rows.dim_size(1),
@@ -238,19 +249,26 @@ TF_MOE_REGISTER_CPU(Eigen::half)
 // XLA lowerings: one typed FFI custom call each. Shapes are checked here, at
 // compile time; the group size values at run time by the handler.
 
-// The typed FFI custom call `target` on all inputs, with result `dims` of
-// input 0's dtype and typed attributes `attributes` (an MLIR dictionary).
-xla::XlaOp FfiCall(XlaOpKernelContext* ctx, const std::string& target,
-                   absl::Span<const int64_t> dims,
-                   const std::string& attributes) {
+// Sets output 0 to the typed FFI custom call `target` on all inputs, with
+// result `name` of shape `dims` (checked first: CheckedXlaShape) and input
+// 0's dtype, and typed attributes `attributes` (an MLIR dictionary). A call
+// whose result has no elements is marked as having side effects, so that XLA
+// keeps it and the handler checks group_sizes (HasZeroElementArray).
+void SetFfiCall(XlaOpKernelContext* ctx, const std::string& target,
+                const char* name, std::initializer_list<NamedDim> dims,
+                const std::string& attributes) {
+  xla::Shape shape;
+  OP_REQUIRES_OK(ctx,
+                 CheckedXlaShape(name, dims, ctx->input_xla_type(0), &shape));
   std::vector<xla::XlaOp> operands;
   for (int i = 0; i < ctx->num_inputs(); ++i) operands.push_back(ctx->Input(i));
-  return xla::CustomCall(
-      ctx->builder(), target, operands,
-      xla::ShapeUtil::MakeShape(ctx->input_xla_type(0), dims), attributes,
-      /*has_side_effect=*/false, /*output_operand_aliasing=*/{},
-      /*literal=*/nullptr, xla::CustomCallSchedule::SCHEDULE_NONE,
-      xla::CustomCallApiVersion::API_VERSION_TYPED_FFI);
+  ctx->SetOutput(
+      0, xla::CustomCall(
+             ctx->builder(), target, operands, shape, attributes,
+             /*has_side_effect=*/HasZeroElementArray(shape),
+             /*output_operand_aliasing=*/{}, /*literal=*/nullptr,
+             xla::CustomCallSchedule::SCHEDULE_NONE,
+             xla::CustomCallApiVersion::API_VERSION_TYPED_FFI));
 }
 
 class GroupedMatmulXlaOp : public XlaOpKernel {
@@ -275,10 +293,10 @@ class GroupedMatmulXlaOp : public XlaOpKernel {
             kernel.DebugString(), ", group_sizes.shape=", sizes.DebugString(),
             ", transpose_kernel=", transpose_kernel_));
     const int64_t b = kernel.dim_size(transpose_kernel_ ? 1 : 2);
-    ctx->SetOutput(0, FfiCall(ctx, "tf_moe_grouped_matmul",
-                              {rows.dim_size(0), b},
-                              std::string("{transpose_kernel = ") +
-                                  (transpose_kernel_ ? "1" : "0") + " : i64}"));
+    SetFfiCall(ctx, "tf_moe_grouped_matmul", "out",
+               {{"N", rows.dim_size(0)}, {"b", b}},
+               std::string("{transpose_kernel = ") +
+                   (transpose_kernel_ ? "1" : "0") + " : i64}");
   }
 
  private:
@@ -301,10 +319,11 @@ class GroupedMatmulKernelGradXlaOp : public XlaOpKernel {
                     "grad [N, b] and group_sizes [E]. Received: rows.shape=",
                     rows.DebugString(), ", grad.shape=", grad.DebugString(),
                     ", group_sizes.shape=", sizes.DebugString()));
-    ctx->SetOutput(0, FfiCall(ctx, "tf_moe_grouped_matmul_kernel_grad",
-                              {sizes.dim_size(0), rows.dim_size(1),
-                               grad.dim_size(1)},
-                              "{}"));
+    SetFfiCall(ctx, "tf_moe_grouped_matmul_kernel_grad", "kernel_grad",
+               {{"E", sizes.dim_size(0)},
+                {"a", rows.dim_size(1)},
+                {"b", grad.dim_size(1)}},
+               "{}");
   }
 };
 
