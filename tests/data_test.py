@@ -14,6 +14,7 @@ import os
 import pathlib
 import shutil
 import struct
+import subprocess
 import tempfile
 import unicodedata
 import zlib
@@ -722,8 +723,10 @@ class PipelineTest(DataTestBase):
             pipeline.lm_dataset(SmallSplitsLmEn.name, "train", data_dir=self.data_dir, **kwargs)
 
 
-# Stand-ins for apt-get and dpkg-deb: they log their arguments, and apt-get
-# fails `download` until `update` ran when FAKE_APT_FAIL_UNTIL_UPDATE is set.
+# Stand-ins for apt-cache, apt-get and dpkg-deb: they log their arguments,
+# and apt-get fails `download` until `update` ran when
+# FAKE_APT_FAIL_UNTIL_UPDATE is set. apt-cache offers version 1.0-1 with the
+# SHA-256 of what the fake `apt-get download` writes.
 _FAKE_APT_GET = """#!/bin/sh
 echo "apt-get $*" >> "$FAKE_APT_LOG"
 case "$1" in
@@ -735,6 +738,18 @@ case "$1" in
     echo deb > "$2_1.0-1_all.deb" ;;
 esac
 """
+_FAKE_DEB_SHA256 = hashlib.sha256(b"deb\n").hexdigest()  # what `echo deb` writes
+_FAKE_APT_CACHE = f"""#!/bin/sh
+echo "apt-cache $*" >> "$FAKE_APT_LOG"
+for name; do :; done
+cat <<STANZA
+Package: $name
+Version: 1.0-1
+Architecture: all
+Filename: pool/main/f/$name/${{name}}_1.0-1_all.deb
+SHA256: {_FAKE_DEB_SHA256}
+STANZA
+"""
 _FAKE_DPKG_DEB = """#!/bin/sh
 echo "dpkg-deb $*" >> "$FAKE_APT_LOG"
 mkdir -p "$3/usr/share/fake" && basename "$2" > "$3/usr/share/fake/from"
@@ -742,14 +757,18 @@ mkdir -p "$3/usr/share/fake" && basename "$2" > "$3/usr/share/fake/from"
 
 
 class DebianPackagesTest(parameterized.TestCase):
-    """Fetching and caching, with fake apt-get/dpkg-deb on PATH."""
+    """Fetching and caching, with fake apt-cache/apt-get/dpkg-deb on PATH."""
 
     def setUp(self):
         super().setUp()
         self.tmp = pathlib.Path(self.create_tempdir().full_path)
         bin_dir = self.tmp / "bin"
         bin_dir.mkdir()
-        for name, script in (("apt-get", _FAKE_APT_GET), ("dpkg-deb", _FAKE_DPKG_DEB)):
+        for name, script in (
+            ("apt-cache", _FAKE_APT_CACHE),
+            ("apt-get", _FAKE_APT_GET),
+            ("dpkg-deb", _FAKE_DPKG_DEB),
+        ):
             (bin_dir / name).write_text(script)
             (bin_dir / name).chmod(0o755)
         self.log = self.tmp / "log"
@@ -772,9 +791,11 @@ class DebianPackagesTest(parameterized.TestCase):
         self.assertEqual(root, cache / "unpacked" / "dict-gcide")
         self.assertEqual((root / "usr/share/fake/from").read_text().strip(), "dict-gcide_1.0-1_all.deb")
         self.assertEqual(debian.PackageRoots(cache).deb_file("dict-gcide"), "dict-gcide_1.0-1_all.deb")
-        self.assertLen(self.commands(), 2)
-        self.assertEqual(self.commands()[0], "apt-get download dict-gcide")
-        self.assertTrue(self.commands()[1].startswith("dpkg-deb -x "))
+        # Checked and unpacked once; the second call trusts the marker.
+        self.assertLen(self.commands(), 3)
+        self.assertEqual(self.commands()[0], "apt-cache show --no-all-versions dict-gcide")
+        self.assertEqual(self.commands()[1], "apt-get download dict-gcide")
+        self.assertTrue(self.commands()[2].startswith("dpkg-deb -x "))
 
     def test_runs_apt_get_update_once_when_download_fails(self):
         env = {**self.env, "FAKE_APT_FAIL_UNTIL_UPDATE": "1"}
@@ -791,7 +812,324 @@ class DebianPackagesTest(parameterized.TestCase):
         with mock.patch.dict(os.environ, env):
             with self.assertRaisesRegex(debian.PackageError, "apt-get update"):
                 debian.PackageRoots(self.tmp / "cache", update_lists=False).root("dict-gcide")
-        self.assertEqual(self.commands(), ["apt-get download dict-gcide"])
+        self.assertEqual(
+            self.commands(),
+            ["apt-cache show --no-all-versions dict-gcide", "apt-get download dict-gcide"],
+        )
+
+
+def _build_deb(folder, name, version, text):
+    """A real .deb (dpkg-deb --build) holding usr/share/doc/<name>/text.txt."""
+    tree = pathlib.Path(tempfile.mkdtemp(dir=folder))
+    (tree / "DEBIAN").mkdir()
+    (tree / "DEBIAN" / "control").write_text(
+        f"Package: {name}\nVersion: {version}\nArchitecture: all\n"
+        "Maintainer: Test <test@example.com>\nDescription: test package\n"
+    )
+    _write(tree / "usr" / "share" / "doc" / name / "text.txt", text)
+    deb = pathlib.Path(folder) / f"{name}-{len(list(pathlib.Path(folder).iterdir()))}.deb"
+    subprocess.run(
+        ["dpkg-deb", "--root-owner-group", "-Zgzip", "--build", str(tree), str(deb)],
+        check=True, capture_output=True,
+    )
+    shutil.rmtree(tree)
+    return deb
+
+
+class _FakeArchive:
+    """Stands in for apt-cache and apt-get as `debian._run`; dpkg-deb is real.
+
+    `apt-cache show` offers `version` with the SHA-256 of `offered` (None: no
+    SHA256 field); each `apt-get download` copies the next of `downloads`
+    (the last one again when they run out) to the file name apt-get uses.
+    """
+
+    def __init__(self, name, version, offered, downloads=()):
+        self.name, self.version = name, version
+        self.sha256 = debian.sha256_of(offered) if offered else None
+        self.downloads = list(downloads)
+        self.calls = []
+        self._run = debian._run  # pylint: disable=protected-access
+
+    def __call__(self, command, cwd):
+        if command[0] == "dpkg-deb":
+            return self._run(command, cwd)
+        self.calls.append(" ".join(command))
+        if command[:2] == ["apt-cache", "show"]:
+            # An installed-version stanza (no SHA256) first, as apt-cache
+            # prints it, then the archive's.
+            stanza = (
+                f"Package: {self.name}\nVersion: 0.1-1\nStatus: install ok installed\n\n"
+                f"Package: {self.name}\nVersion: {self.version}\nArchitecture: all\n"
+                "Description: test package\n continued description line\n"
+                f"Filename: pool/main/t/{self.name}_{self.version.split(':')[-1]}_all.deb\n"
+            )
+            if self.sha256:
+                stanza += f"SHA256: {self.sha256}\n"
+            return subprocess.CompletedProcess(command, 0, stdout=stanza, stderr="")
+        if command[:2] == ["apt-get", "download"]:
+            source = self.downloads.pop(0) if len(self.downloads) > 1 else self.downloads[0]
+            version = self.version.replace(":", "%3a")
+            shutil.copy(source, pathlib.Path(cwd) / f"{self.name}_{version}_all.deb")
+            return subprocess.CompletedProcess(command, 0, stdout="", stderr="")
+        if command == ["apt-get", "update"]:
+            return subprocess.CompletedProcess(command, 0, stdout="", stderr="")
+        raise AssertionError(f"unexpected command {command}")
+
+    def downloaded(self):
+        return [c for c in self.calls if c.startswith("apt-get download")]
+
+
+@absltest.skipUnless(shutil.which("dpkg-deb"), "needs dpkg-deb to build test .deb files")
+class PackageHashTest(parameterized.TestCase):
+    """Every .deb is checked against apt-cache's SHA-256 before it is used."""
+
+    NAME = "tf-moe-test-package"
+
+    def setUp(self):
+        super().setUp()
+        self.tmp = pathlib.Path(self.create_tempdir().full_path)
+        self.debs = self.tmp / "debs"
+        self.debs.mkdir()
+        self.cache = self.tmp / "cache"
+        self.cache.mkdir()
+        self.good = _build_deb(self.debs, self.NAME, "1.0-1", "The archive's own text.")
+        self.evil = _build_deb(self.debs, self.NAME, "1.0-1", "Tampered text from a bad mirror.")
+
+    def root(self, archive, **kwargs):
+        with mock.patch.object(debian, "_run", archive):
+            return debian.PackageRoots(self.cache, **kwargs).root(self.NAME)
+
+    def text(self, root):
+        return (root / "usr" / "share" / "doc" / self.NAME / "text.txt").read_text()
+
+    def test_cached_deb_with_the_right_hash_is_used(self):
+        cached = self.cache / f"{self.NAME}_1.0-1_all.deb"
+        shutil.copy(self.good, cached)
+        archive = _FakeArchive(self.NAME, "1.0-1", self.good, [self.evil])
+        root = self.root(archive)
+        self.assertEqual(self.text(root), "The archive's own text.")
+        self.assertEmpty(archive.downloaded())
+        self.assertTrue(cached.is_file())
+        marker = (root / ".unpacked").read_text()
+        self.assertIn(f"sha256:{debian.sha256_of(self.good)}", marker)
+        self.assertEqual(debian.PackageRoots(self.cache).deb_file(self.NAME), cached.name)
+
+    def test_cached_deb_with_a_wrong_hash_is_deleted_and_downloaded_again(self):
+        cached = self.cache / f"{self.NAME}_1.0-1_all.deb"
+        shutil.copy(self.evil, cached)
+        archive = _FakeArchive(self.NAME, "1.0-1", self.good, [self.good])
+        with self.assertLogs(level="WARNING") as logs:
+            root = self.root(archive)
+        self.assertEqual(self.text(root), "The archive's own text.")
+        self.assertEqual(archive.downloaded(), [f"apt-get download {self.NAME}"])
+        self.assertEqual(debian.sha256_of(cached), debian.sha256_of(self.good))
+        self.assertIn(debian.sha256_of(self.evil), "\n".join(logs.output))
+
+    def test_download_that_keeps_mismatching_raises_naming_both_digests(self):
+        archive = _FakeArchive(self.NAME, "1.0-1", self.good, [self.evil])
+        expected, actual = debian.sha256_of(self.good), debian.sha256_of(self.evil)
+        with self.assertRaises(debian.PackageError) as raised:
+            self.root(archive)
+        message = str(raised.exception)
+        for part in (self.NAME, f"{self.NAME}_1.0-1_all.deb", expected, actual):
+            self.assertIn(part, message)
+        self.assertLen(archive.downloaded(), 2)  # the download, then once more
+        self.assertEmpty(list(self.cache.glob("*.deb")))  # never kept
+        self.assertFalse((self.cache / "unpacked" / self.NAME).exists())
+
+    def test_of_two_cached_versions_the_offered_one_is_used(self):
+        # Epoch versions: apt-get writes ':' as %3a; the newer-looking stale
+        # file sorts last and used to win.
+        offered = self.cache / f"{self.NAME}_2%3a1.0-1_all.deb"
+        stale = self.cache / f"{self.NAME}_2%3a9.9-1_all.deb"
+        shutil.copy(self.good, offered)
+        shutil.copy(self.evil, stale)
+        archive = _FakeArchive(self.NAME, "2:1.0-1", self.good, [self.evil])
+        root = self.root(archive)
+        self.assertEqual(self.text(root), "The archive's own text.")
+        self.assertEmpty(archive.downloaded())
+        self.assertEqual(debian.PackageRoots(self.cache).deb_file(self.NAME), offered.name)
+
+    def test_no_sha256_from_apt_cache_raises_after_one_update(self):
+        archive = _FakeArchive(self.NAME, "1.0-1", None, [self.good])
+        with self.assertRaisesRegex(debian.PackageError, "cannot be checked"):
+            self.root(archive)
+        self.assertEqual(
+            archive.calls,
+            [f"apt-cache show --no-all-versions {self.NAME}", "apt-get update",
+             f"apt-cache show --no-all-versions {self.NAME}"],
+        )
+        self.assertEmpty(archive.downloaded())
+        without_update = _FakeArchive(self.NAME, "1.0-1", None, [self.good])
+        with self.assertRaisesRegex(debian.PackageError, f"{self.NAME}.*cannot be checked"):
+            self.root(without_update, update_lists=False)
+        self.assertEqual(without_update.calls, [f"apt-cache show --no-all-versions {self.NAME}"])
+
+    def test_tree_unpacked_without_a_recorded_digest_is_unpacked_again(self):
+        root = self.cache / "unpacked" / self.NAME
+        _write(root / "usr" / "share" / "doc" / self.NAME / "text.txt", "Unchecked old text.")
+        (root / ".unpacked").write_text(f"{self.NAME}_1.0-1_all.deb\n")
+        archive = _FakeArchive(self.NAME, "1.0-1", self.good, [self.good])
+        self.assertEqual(self.text(self.root(archive)), "The archive's own text.")
+        self.assertLen(archive.downloaded(), 1)
+        # Now recorded: reused with no command at all.
+        again = _FakeArchive(self.NAME, "1.0-1", self.good, [self.good])
+        self.assertEqual(self.text(self.root(again)), "The archive's own text.")
+        self.assertEmpty(again.calls)
+
+    def test_source_root_is_used_without_hash_checks(self):
+        source_root = self.tmp / "unpacked"
+        (source_root / self.NAME).mkdir(parents=True)
+        archive = _FakeArchive(self.NAME, "1.0-1", None)
+        self.assertEqual(self.root(archive, source_root=source_root), source_root / self.NAME)
+        self.assertEmpty(archive.calls)
+
+    def test_offer_matches_archive_and_apt_get_file_names(self):
+        stanzas = debian.parse_stanzas(
+            "Package: p\nVersion: 1:2.0-1\n\n"
+            "Package: p\nVersion: 1:2.0-1\nArchitecture: amd64\n"
+            "Description: x\n more\nFilename: pool/main/p/p_2.0-1_amd64.deb\n"
+            "SHA256: " + "AB" * 32 + "\n"
+        )
+        offer = debian.offer_from_stanzas("p", stanzas)
+        self.assertEqual(offer.sha256, "ab" * 32)
+        self.assertEqual(offer.file_name(), "p_1%3a2.0-1_amd64.deb")
+        for file_name in ("p_2.0-1_amd64.deb", "p_1%3a2.0-1_amd64.deb", "p_1%3A2.0-1_amd64.deb"):
+            self.assertTrue(offer.matches(file_name), file_name)
+        for file_name in ("p_1%3a2.0-2_amd64.deb", "p_2.0-1_i386.deb", "q_2.0-1_amd64.deb"):
+            self.assertFalse(offer.matches(file_name), file_name)
+        self.assertIsNone(debian.offer_from_stanzas("p", stanzas[:1]))
+        self.assertIsNone(debian.offer_from_stanzas("q", stanzas))
+
+
+SECRET = "This secret host sentence must never reach any corpus at all."
+SECRET_GERMAN = "Dieser geheime Satz des Rechners darf nie in einen Korpus."
+IN_TREE = "This paragraph is linked from inside the package tree and is kept."
+
+
+class SymlinkTest(DataTestBase):
+    """No reader follows a symlink out of an unpacked package tree."""
+
+    def setUp(self):
+        super().setUp()
+        tmp = pathlib.Path(self.create_tempdir().full_path)
+        # Host files: valid pages and catalogs, so only the link rule keeps
+        # them out.
+        self.host = tmp / "host"
+        _write(self.host / "secret.html", f"<p>{SECRET}</p>")
+        _write(self.host / "dir" / "page.html", f"<p>{SECRET}</p>")
+        _write(self.host / "help_en.html", _help_page("en-US", [f'<p id="par_idS">{SECRET}</p>']))
+        _write(
+            self.host / "help_de.html",
+            _help_page("de", [f'<p id="par_idS">{SECRET_GERMAN}</p>']),
+        )
+        _write_mo(self.host / "secret.mo", {"": "Content-Type: text/plain; charset=UTF-8\n",
+                                            SECRET: SECRET_GERMAN})
+        self.packages = tmp / "packages"
+        shutil.copytree(_FIXTURE["packages"], self.packages, symlinks=True)
+
+        linux = self.packages / "linux-doc-6.1"
+        html = linux / sphinx_html.LINUX_DOC.html_path
+        (html / "leak.html").symlink_to(self.host / "secret.html")  # absolute
+        (html / "relative_leak.html").symlink_to(
+            os.path.relpath(self.host / "secret.html", html)  # ../../.. out
+        )
+        (html / "outside_dir").symlink_to(self.host / "dir", target_is_directory=True)
+        (html / "admin-guide" / "sub").mkdir()
+        (html / "admin-guide" / "sub" / "escape").symlink_to(
+            os.path.relpath(self.host / "dir", html / "admin-guide" / "sub"),
+            target_is_directory=True,
+        )
+        _write(linux / "usr" / "share" / "linked" / "own.html", f"<p>{IN_TREE}</p>")
+        (html / "inside.html").symlink_to(
+            os.path.relpath(linux / "usr/share/linked/own.html", html)  # in the tree
+        )
+
+        help_root = libreoffice_help.HELP_PATH
+        english = self.packages / "libreoffice-help-en-us" / help_root / "en-US" / "text"
+        german = self.packages / "libreoffice-help-de" / help_root / "de" / "text"
+        (english / "leak.html").symlink_to(self.host / "help_en.html")
+        _write(german / "leak.html", _help_page("de", ['<p id="par_idS">Eigener Text.</p>']))
+        _write(english / "leak_de.html", _help_page("en-US", ['<p id="par_idS">Own text.</p>']))
+        (german / "leak_de.html").symlink_to(self.host / "help_de.html")
+
+        catalogs = self.packages / "libreoffice-l10n-de" / gettext_catalogs.CATALOG_PATH.format(
+            language="de")
+        (catalogs / "leak.mo").symlink_to(self.host / "secret.mo")
+
+    def assertNoSecret(self, texts):
+        joined = "\n".join(str(text) for text in texts)
+        self.assertNotIn("secret host sentence", joined)
+        self.assertNotIn("geheime Satz", joined)
+
+    def test_sphinx_skips_links_out_of_the_tree_and_keeps_in_tree_links(self):
+        with self.assertLogs(level="WARNING") as logs:
+            paragraphs = list(sphinx_html.LINUX_DOC.paragraphs(self.packages / "linux-doc-6.1"))
+        self.assertNoSecret(paragraphs)
+        self.assertEqual(paragraphs, LINUX_EXPECTED + [IN_TREE])
+        output = "\n".join(logs.output)
+        for link in ("leak.html", "relative_leak.html", "outside_dir", "escape"):
+            self.assertIn(link, output)
+        self.assertIn(str(self.host.resolve() / "secret.html"), output)
+
+    def test_help_and_catalog_pairs_skip_links_out_of_the_tree(self):
+        help_pairs = list(
+            libreoffice_help.paragraph_pairs(
+                self.packages / "libreoffice-help-en-us",
+                self.packages / "libreoffice-help-de",
+                "de",
+            )
+        )
+        self.assertNoSecret(help_pairs)
+        self.assertIn(("Click Format - Cells.", "Klicken Sie auf Format - Zellen."), help_pairs)
+        ui_pairs = list(
+            gettext_catalogs.ui_string_pairs(self.packages / "libreoffice-l10n-de", "de")
+        )
+        self.assertNoSecret(ui_pairs)
+        self.assertEqual(ui_pairs, UI_EXPECTED)
+
+    @parameterized.named_parameters(
+        ("gcide", "dict-gcide", gcide.DICT_PATH, gcide.paragraphs),
+        ("austen", "r-cran-janeaustenr", janeausten.RDB_PATH, janeausten.paragraphs),
+        ("sword", "sword-text-web", sword.MODULE_PATH + "/nt.bzz", sword.paragraphs),
+    )
+    def test_fixed_file_linked_out_of_the_tree_is_not_read(self, package, relative, read):
+        # The host copy is a valid file: only the link rule stops it.
+        path = self.packages / package / relative
+        host_copy = self.host / "copies" / path.name
+        host_copy.parent.mkdir()
+        shutil.move(path, host_copy)
+        path.symlink_to(host_copy)
+        with self.assertRaisesRegex(FileNotFoundError, "outside the package tree"):
+            list(read(self.packages / package))
+
+    def test_linked_folder_on_the_path_is_resolved_too(self):
+        dictd = self.packages / "dict-gcide" / pathlib.Path(gcide.DICT_PATH).parent
+        shutil.move(dictd, self.host / "dictd")
+        dictd.symlink_to(self.host / "dictd", target_is_directory=True)
+        with self.assertRaisesRegex(FileNotFoundError, "outside the package tree"):
+            list(gcide.paragraphs(self.packages / "dict-gcide"))
+        # Linked inside the tree instead, it is read.
+        dictd.unlink()
+        shutil.move(self.host / "dictd", dictd.parent / "real-dictd")
+        dictd.symlink_to("real-dictd", target_is_directory=True)
+        self.assertEqual(list(gcide.paragraphs(self.packages / "dict-gcide")), GCIDE_EXPECTED)
+
+    def test_built_corpora_hold_no_host_text(self):
+        data_dir = self.create_tempdir().full_path
+        for builder_class in (SmallSplitsLmEn, SmallSplitsTranslateEnDe):
+            builder_class(data_dir=data_dir, source_root=str(self.packages)).download_and_prepare()
+        texts = [
+            value
+            for name in (SmallSplitsLmEn.name, SmallSplitsTranslateEnDe.name)
+            for split in corpus.SPLITS
+            for example in _texts(name, data_dir, split)
+            for value in example.values()
+        ]
+        self.assertNoSecret(texts)
+        self.assertIn(IN_TREE, texts)
+        self.assertIn("Open the file.", texts)
 
 
 class MockedTfdsDatasetsTest(parameterized.TestCase):

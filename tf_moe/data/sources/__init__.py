@@ -6,6 +6,9 @@ package name to the folder its .deb was unpacked into (`dpkg-deb -x`), and
 yields cleaned texts (English) or (english, german) pairs (parallel).
 Does not own: fetching packages (`tf_moe.data.debian`), deduplication and
 splitting (`tf_moe.data.corpus`).
+Every reader lists and opens a package's files through `debian.tree_files`
+and `debian.tree_file`, which never follow a symlink out of the package's
+unpacked tree.
 """
 
 import functools

@@ -14,10 +14,10 @@ becomes one paragraph after:
 """
 
 import gzip
-import pathlib
 import re
 
 from tf_moe.data import cleaning
+from tf_moe.data import debian
 
 PACKAGE = "dict-gcide"
 DICT_PATH = "usr/share/dictd/gcide.dict.dz"
@@ -70,7 +70,7 @@ def paragraphs(package_root):
     Args:
         package_root: folder where the dict-gcide .deb was unpacked.
     """
-    path = pathlib.Path(package_root) / DICT_PATH
+    path = debian.tree_file(package_root, DICT_PATH)
     # A few bytes are cp1252 punctuation inside an otherwise UTF-8 file;
     # they are replaced and dropped.
     with gzip.open(path, "rt", encoding="utf-8", errors="replace") as f:

@@ -7,10 +7,10 @@ message contexts (`context\\x04msgid`), the catalog header.
 """
 
 import gettext
-import pathlib
 import re
 
 from tf_moe.data import cleaning
+from tf_moe.data import debian
 
 CATALOG_PATH = "usr/lib/libreoffice/program/resource/{language}/LC_MESSAGES"
 _CONTEXT_SEPARATOR = "\x04"
@@ -59,8 +59,8 @@ def ui_string_pairs(package_root, language):
         package_root: folder where libreoffice-l10n-<language> was unpacked.
         language: e.g. "de".
     """
-    folder = pathlib.Path(package_root) / CATALOG_PATH.format(language=language)
-    for path in sorted(folder.glob("*.mo")):
+    folder = CATALOG_PATH.format(language=language)
+    for path in debian.tree_files(package_root, folder, "*.mo", recursive=False):
         with open(path, "rb") as f:
             catalog = gettext.GNUTranslations(f)
         yield from catalog_pairs(catalog)

@@ -13,11 +13,11 @@ lazy-load `.rdb` containers). The subset needed is small:
 Objects that are not plain character vectors are skipped.
 """
 
-import pathlib
 import struct
 import zlib
 
 from tf_moe.data import cleaning
+from tf_moe.data import debian
 
 PACKAGE = "r-cran-janeaustenr"
 RDB_PATH = "usr/lib/R/site-library/janeaustenr/data/Rdata.rdb"
@@ -118,7 +118,7 @@ def paragraphs(package_root):
     Args:
         package_root: folder where the r-cran-janeaustenr .deb was unpacked.
     """
-    data = (pathlib.Path(package_root) / RDB_PATH).read_bytes()
+    data = debian.tree_file(package_root, RDB_PATH).read_bytes()
     for payload in iter_rdb_streams(data):
         try:
             lines = read_character_vector(payload)

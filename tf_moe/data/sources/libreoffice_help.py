@@ -11,6 +11,7 @@ import pathlib
 import re
 
 from tf_moe.data import cleaning
+from tf_moe.data import debian
 
 ENGLISH_PACKAGE = "libreoffice-help-en-us"
 HELP_PATH = "usr/share/libreoffice/help"
@@ -81,10 +82,12 @@ def page_paragraphs(markup):
     }
 
 
-def _pages(language_root):
+def _pages(package_root, language_folder):
+    # Never through symlinks out of the package tree (`debian.tree_files`).
+    language_root = pathlib.Path(package_root) / language_folder
     return sorted(
         path.relative_to(language_root).as_posix()
-        for path in pathlib.Path(language_root).rglob("*.html")
+        for path in debian.tree_files(package_root, language_folder, "*.html")
     )
 
 
@@ -99,13 +102,14 @@ def paragraph_pairs(english_root, foreign_root, language):
     Pairs with an empty side, no letters, or the same text on both sides
     (untranslated) are left out.
     """
-    english_help = pathlib.Path(english_root) / HELP_PATH / ENGLISH_TAG
-    foreign_help = pathlib.Path(foreign_root) / HELP_PATH / language
-    for page in _pages(english_help):
-        foreign_page = foreign_help / page
-        if not foreign_page.is_file():
+    english_help = pathlib.PurePosixPath(HELP_PATH) / ENGLISH_TAG
+    foreign_help = pathlib.PurePosixPath(HELP_PATH) / language
+    for page in _pages(english_root, english_help):
+        english_page = pathlib.Path(english_root) / english_help / page
+        foreign_page = debian.tree_path(foreign_root, foreign_help / page)
+        if foreign_page is None or not foreign_page.is_file():
             continue
-        english = page_paragraphs((english_help / page).read_text("utf-8", "replace"))
+        english = page_paragraphs(english_page.read_text("utf-8", "replace"))
         foreign = page_paragraphs(foreign_page.read_text("utf-8", "replace"))
         for element_id, english_text in english.items():
             foreign_text = foreign.get(element_id, "")

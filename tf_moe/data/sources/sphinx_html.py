@@ -10,6 +10,7 @@ import html.parser
 import pathlib
 
 from tf_moe.data import cleaning
+from tf_moe.data import debian
 
 # Paragraphs of fewer words are captions, version notes and link lists.
 MIN_WORDS = 8
@@ -55,9 +56,11 @@ def html_paragraphs(markup):
     return [cleaning.normalize_whitespace(p) for p in parser.paragraphs]
 
 
-def _html_files(html_root):
+def _html_files(html_root, package_root):
+    # Never through symlinks out of the package tree (`debian.tree_files`).
+    folder = pathlib.Path(html_root).relative_to(package_root)
     files = []
-    for path in pathlib.Path(html_root).rglob("*.html"):
+    for path in debian.tree_files(package_root, folder, "*.html"):
         relative = path.relative_to(html_root)
         if _SKIP_DIRS.isdisjoint(relative.parts[:-1]):
             files.append(path)
@@ -65,13 +68,16 @@ def _html_files(html_root):
     return sorted(files, key=lambda p: p.relative_to(html_root).as_posix())
 
 
-def paragraphs(html_root):
+def paragraphs(html_root, package_root=None):
     """Yields the cleaned paragraphs of every page under `html_root`.
 
     Args:
         html_root: the Sphinx output folder (holding `index.html`).
+        package_root: the unpacked package holding it, which no symlink is
+            followed out of; defaults to `html_root`.
     """
-    for path in _html_files(html_root):
+    package_root = html_root if package_root is None else package_root
+    for path in _html_files(html_root, package_root):
         markup = path.read_text(encoding="utf-8", errors="replace")
         for text in html_paragraphs(markup):
             if cleaning.word_count(text) >= MIN_WORDS:
@@ -87,7 +93,7 @@ class SphinxManual:
         self.html_path = html_path
 
     def paragraphs(self, package_root):
-        return paragraphs(pathlib.Path(package_root) / self.html_path)
+        return paragraphs(pathlib.Path(package_root) / self.html_path, package_root)
 
 
 LINUX_DOC = SphinxManual(

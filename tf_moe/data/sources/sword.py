@@ -21,6 +21,7 @@ import struct
 import zlib
 
 from tf_moe.data import cleaning
+from tf_moe.data import debian
 
 PACKAGE = "sword-text-web"
 MODULE_PATH = "usr/share/sword/modules/texts/ztext/engWEB2015eb"
@@ -36,17 +37,24 @@ _BREAK_TAGS = frozenset({"chapter", "lg"})
 _BREAK_TYPES = frozenset({"x-p", "book", "introduction"})
 
 
-def read_verses(module_root, testament):
+def read_verses(module_root, testament, package_root=None):
     """Yields the raw OSIS text of each non-empty verse slot, in order.
 
     Args:
         module_root: the zText module folder (holding ot.bzs, ...).
         testament: "ot" or "nt".
+        package_root: the unpacked package holding the module; the index
+            files are not read through symlinks leaving it (`debian.tree_file`).
+            Defaults to `module_root`.
     """
-    root = pathlib.Path(module_root)
-    block_index = (root / f"{testament}.bzs").read_bytes()
-    verse_index = (root / f"{testament}.bzv").read_bytes()
-    compressed = (root / f"{testament}.bzz").read_bytes()
+    package_root = module_root if package_root is None else package_root
+    module = pathlib.Path(module_root).relative_to(package_root)
+
+    def read(suffix):
+        path = debian.tree_file(package_root, module / f"{testament}.{suffix}")
+        return path.read_bytes()
+
+    block_index, verse_index, compressed = read("bzs"), read("bzv"), read("bzz")
     blocks = {}
     for block, start, size in _VERSE_ENTRY.iter_unpack(verse_index):
         if not size:
@@ -123,6 +131,7 @@ def paragraphs(package_root):
     """
     module_root = pathlib.Path(package_root) / MODULE_PATH
     for testament in TESTAMENTS:
-        for text in osis_paragraphs(read_verses(module_root, testament)):
+        verses = read_verses(module_root, testament, package_root)
+        for text in osis_paragraphs(verses):
             if cleaning.has_letters(text):
                 yield text
