@@ -190,6 +190,14 @@ class HierarchicalMoETest(parameterized.TestCase):
         with self.assertRaisesRegex(ValueError, f"`{name}`"):
             tf_moe.layers.HierarchicalMoE(**args)
 
+    def test_primary_k_is_checked_against_num_groups(self):
+        # Not the primary router's own message about `k` and `num_experts`.
+        with self.assertRaisesRegex(
+            ValueError, r"`primary_k` must be at most `num_groups`.*primary_k=3, num_groups=2"
+        ):
+            tf_moe.layers.HierarchicalMoE(num_groups=2, experts_per_group=4,
+                                          expert_hidden_dim=8, primary_k=3)
+
 
 def _loss_gradients(layer, x):
     """Gradients of the layer's aux losses (training mode) by variable name."""

@@ -202,6 +202,7 @@ def np_stats(moe, r):
         "dropped_fraction": 1.0 - kept.sum() / max(requested.sum(), 1),
         "unrouted_fraction": np.mean(~np.any(kept, -1)[mask]),
         "router_entropy": np.mean(-np.sum(probs * np.log(probs), -1)),
+        "nonfinite_fraction": 0.0,  # the inputs here are finite
     }
     router = moe.router
     if router.z_loss_weight > 0:
@@ -877,7 +878,8 @@ class MoELossesAndStatsTest(parameterized.TestCase):
         self.assertEmpty(moe.losses)
         self.assertCountEqual(
             moe.last_routing_stats,
-            ["expert_load", "dropped_fraction", "unrouted_fraction", "router_entropy"],
+            ["expert_load", "dropped_fraction", "unrouted_fraction", "router_entropy",
+             "nonfinite_fraction"],
         )
 
 
@@ -967,6 +969,21 @@ class MoEValidationTest(parameterized.TestCase):
          lambda: MoE(E, H, router=keras.layers.Dense(E)), "router"),
         ("router_string", lambda: MoE(E, H, router="top_2"), "router"),
         ("router_bank", lambda: MoE(E, H, router=TopKRouter(num_gates=2)), "num_gates"),
+        ("capacity_factor_nan", lambda: MoE(E, H, capacity_factor=float("nan")),
+         "capacity_factor"),
+        ("capacity_factor_inf", lambda: MoE(E, H, capacity_factor=float("inf")),
+         "capacity_factor"),
+        ("eval_capacity_factor_inf", lambda: MoE(E, H, eval_capacity_factor=float("inf")),
+         "eval_capacity_factor"),
+        ("balance_loss_weight_nan",
+         lambda: TopKRouter(balance_loss_weight=float("nan")), "balance_loss_weight"),
+        ("z_loss_weight_inf", lambda: TopKRouter(z_loss_weight=float("inf")), "z_loss_weight"),
+        ("expert_dropout_nan", lambda: MoE(E, H, expert_dropout=float("nan")),
+         "expert_dropout"),
+        ("expert_kernel_initializer",
+         lambda: MoE(E, H, expert_kernel_initializer="nope"), "expert_kernel_initializer"),
+        ("router_kernel_initializer",
+         lambda: TopKRouter(kernel_initializer="nope"), "kernel_initializer"),
         ("num_gates_0", lambda: TopKRouter(num_gates=0), "num_gates"),
         ("expert_dropout_1_5",
          lambda: MoE(E, H, expert_dropout=1.5), "expert_dropout"),
@@ -986,6 +1003,16 @@ class MoEValidationTest(parameterized.TestCase):
         with self.assertRaisesRegex(ValueError, f"`{argument}`") as caught:
             make()
         self.assertIn(f"{argument}=", str(caught.exception))
+
+    def test_integer_inputs_name_the_input(self):
+        moe = MoE(E, H, dispatch="auto")
+        with self.assertRaisesRegex(ValueError, r"`inputs` must be floating point.*int32"):
+            moe(np.zeros((2, 5, D), "int32"))
+
+    def test_empty_batch_gives_an_empty_output(self):
+        for shape in ((0, 5, D), (0, D)):
+            y = MoE(E, H)(np.zeros(shape, "float32"))
+            self.assertEqual(tuple(y.shape), shape)
 
     @parameterized.named_parameters(("rank_1", (D,)), ("rank_4", (2, 3, 4, D)))
     def test_bad_input_rank_raises(self, shape):

@@ -1,5 +1,12 @@
-"""Argument validation shared by layers and routers: every error names the
-argument, the allowed values and what was received."""
+"""Argument validation shared by layers, routers and trainers: every error
+names the argument (or config field), the allowed values and what was
+received."""
+
+import math
+
+
+def _is_number(value):
+    return not isinstance(value, bool) and isinstance(value, (int, float))
 
 
 def check_positive_int(name, value, minimum=1):
@@ -10,8 +17,19 @@ def check_positive_int(name, value, minimum=1):
 
 
 def check_non_negative(name, value):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-        raise ValueError(f"`{name}` must be a number >= 0. Received: {name}={value!r}")
+    """A finite number >= 0 (a loss weight, a noise level)."""
+    if not _is_number(value) or not math.isfinite(value) or value < 0:
+        raise ValueError(
+            f"`{name}` must be a finite number >= 0. Received: {name}={value!r}"
+        )
+
+
+def check_positive(name, value):
+    """A finite number > 0 (a learning rate)."""
+    if not _is_number(value) or not math.isfinite(value) or value <= 0:
+        raise ValueError(
+            f"`{name}` must be a finite number > 0. Received: {name}={value!r}"
+        )
 
 
 def check_choice(name, value, allowed):
@@ -35,14 +53,30 @@ def check_k(k, num_experts, k_name="k", experts_name="num_experts"):
 def check_capacity_factor(name, value):
     if value is None:
         return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+    if not _is_number(value) or not math.isfinite(value) or value <= 0:
         raise ValueError(
-            f"`{name}` must be a number > 0, or None for no token dropping. "
+            f"`{name}` must be a finite number > 0, or None for no token dropping. "
             f"Received: {name}={value!r}"
         )
 
 
 def check_fraction(name, value):
     """A probability such as a dropout rate: a number in [0, 1)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+    if not _is_number(value) or not 0 <= value < 1:  # NaN fails the comparison
         raise ValueError(f"`{name}` must be a number in [0, 1). Received: {name}={value!r}")
+
+
+def check_initializer(name, value):
+    """A Keras initializer (object, name or config) or None; returns it
+    resolved (None stays None)."""
+    import keras
+
+    if value is None:
+        return None
+    try:
+        return keras.initializers.get(value)
+    except (ValueError, TypeError) as error:
+        raise ValueError(
+            f"`{name}` must be a Keras initializer (an instance, a name such as "
+            f"'glorot_uniform', or its config), or None. Received: {name}={value!r}"
+        ) from error

@@ -65,13 +65,16 @@ def moe_layers(model):
 
 
 class RoutingStatsLogger(keras.callbacks.Callback):
-    """Adds every MoE layer's routing statistics to the `model.fit` logs.
+    """Adds every MoE layer's routing statistics to the `model.fit` and
+    `model.evaluate` logs.
 
     The scalars of each layer appear as `<layer>/<stat>` in the progress bar,
-    `History` and TensorBoard (put this callback before them in the list, or
-    anywhere: Keras appends its own progress bar and History last). The
-    per-expert load vector is summarized by `<layer>/max_load`, the largest
-    expert's share times E (1.0 is perfect balance).
+    `History` and TensorBoard (put this callback anywhere in the list: Keras
+    appends its own progress bar and History last); those of the validation
+    run as `val_<layer>/<stat>`; after `evaluate(..., callbacks=[logger])`,
+    `logger.test_stats` holds the last evaluation batch's. The per-expert load vector is
+    summarized by `<layer>/max_load`, the largest expert's share times E (1.0
+    is perfect balance).
 
     Args:
         layers: names of the MoE layers to report, or None for all.
@@ -102,8 +105,54 @@ class RoutingStatsLogger(keras.callbacks.Callback):
         if logs is not None:
             logs.update(self._stats())
 
+    def on_test_begin(self, logs=None):
+        self.test_stats = {}
+
+    def on_test_end(self, logs=None):
+        # The statistics of the last evaluation batch: `fit` reports them as
+        # `val_<layer>/<stat>` at the epoch's end (Keras hands `on_test_end` a
+        # copy of the logs that `evaluate` returns, so they cannot go there).
+        self.test_stats = self._stats()
+
     def on_epoch_end(self, epoch, logs=None):
         # The layers now hold the last validation batch's stats; report the
-        # last training batch's under the plain names.
+        # last training batch's under the plain names, the validation's under
+        # `val_`.
         if logs is not None:
             logs.update(getattr(self, "_last_train_stats", {}))
+            logs.update({f"val_{k}": v for k, v in getattr(self, "test_stats", {}).items()})
+            self.test_stats = {}
+
+
+def parameter_summary(model):
+    """Experts and parameters of every MoE layer of `model`, and the model's
+    total and active (per token) parameter counts: what `model.summary()`
+    does not show, since an MoE layer is one row there.
+
+    Returns:
+        dict with "layers": [{"name", "experts", "total", "active"}] (active:
+        the parameters one token uses, at the training capacity factor) and
+        "total", "active" of the whole model; `print_parameter_summary`
+        prints it as a table.
+    """
+    import numpy as np
+
+    total = sum(int(np.prod(v.shape)) for v in model.trainable_variables)
+    rows, inactive = [], 0.0
+    for layer in moe_layers(model):
+        count = sum(int(np.prod(v.shape)) for v in layer.trainable_variables)
+        experts = sum(int(np.prod(v.shape)) for v in layer.experts.trainable_variables)
+        unused = experts * (1.0 - layer.active_expert_fraction)
+        inactive += unused
+        rows.append({"name": layer.name, "experts": layer.experts.num_experts,
+                     "total": count, "active": int(round(count - unused))})
+    return {"layers": rows, "total": total, "active": int(round(total - inactive))}
+
+
+def print_parameter_summary(model, print_fn=print):
+    """Prints `parameter_summary(model)` as a table."""
+    summary = parameter_summary(model)
+    print_fn(f"{'MoE layer':<28} {'experts':>8} {'parameters':>14} {'active / token':>15}")
+    for row in summary["layers"]:
+        print_fn(f"{row['name']:<28} {row['experts']:>8} {row['total']:>14,} {row['active']:>15,}")
+    print_fn(f"{'model':<28} {'':>8} {summary['total']:>14,} {summary['active']:>15,}")

@@ -19,7 +19,12 @@ N expert-sorted rows.
 import keras
 from keras import ops
 
-from tf_moe._validation import check_choice, check_fraction, check_positive_int
+from tf_moe._validation import (
+    check_choice,
+    check_fraction,
+    check_initializer,
+    check_positive_int,
+)
 from tf_moe.ops.grouped_matmul import grouped_matmul, row_expert
 
 PLAIN_ACTIVATIONS = {
@@ -116,12 +121,8 @@ class Experts(keras.layers.Layer):
         self.activation = activation
         self.use_bias = bool(use_bias)
         self.dropout = float(dropout)
-        self.kernel_initializer = (
-            None
-            if kernel_initializer is None
-            else keras.initializers.get(kernel_initializer)
-        )
-        self.bias_initializer = keras.initializers.get(bias_initializer)
+        self.kernel_initializer = check_initializer("kernel_initializer", kernel_initializer)
+        self.bias_initializer = check_initializer("bias_initializer", bias_initializer)
         # Same dtype policy, or Dropout would cast bf16 hidden units to float32.
         self.dropout_layer = keras.layers.Dropout(self.dropout, dtype=self.dtype_policy)
 

@@ -24,6 +24,7 @@ from tf_moe._validation import (
     check_capacity_factor,
     check_choice,
     check_fraction,
+    check_initializer,
     check_k,
     check_positive_int,
 )
@@ -31,6 +32,10 @@ from tf_moe.layers.experts import EXPERT_ACTIVATIONS, Experts
 from tf_moe.ops import plan as plan_lib
 from tf_moe.ops.dispatch import DISPATCH_METHODS
 from tf_moe.routing import Router, TopKRouter
+
+
+# Statistic of every MoE layer: the fraction of tokens with a NaN or inf.
+NONFINITE = "nonfinite_fraction"
 
 
 def bind_router(router, num_experts):
@@ -113,6 +118,7 @@ class GroupedMoELayer(ReplicaLocalLosses, keras.layers.Layer):
         check_positive_int("min_capacity", min_capacity)
         check_positive_int("group_size", group_size)
         check_choice("dispatch", dispatch, DISPATCH_METHODS)
+        check_initializer("expert_kernel_initializer", expert_kernel_initializer)
         self.expert_hidden_dim = expert_hidden_dim
         self.expert_activation = expert_activation
         self.expert_dropout = expert_dropout
@@ -155,6 +161,7 @@ class GroupedMoELayer(ReplicaLocalLosses, keras.layers.Layer):
             capacity_name=name,
             num_experts=self.experts.num_experts,
             per_shard=self.supports_rows,
+            training=training,
         )
 
     @property
@@ -190,7 +197,7 @@ class GroupedMoELayer(ReplicaLocalLosses, keras.layers.Layer):
                 synchronization="on_read",
                 name=name,
             )
-            for name, shape in self.stat_shapes().items()
+            for name, shape in {**self.stat_shapes(), NONFINITE: ()}.items()
         }
 
     def stat_shapes(self):
@@ -220,11 +227,29 @@ class GroupedMoELayer(ReplicaLocalLosses, keras.layers.Layer):
                 f"[batch, seq, {self.feature_dim}] (this layer was built for "
                 f"d={self.feature_dim}). Received: inputs.shape={tuple(inputs.shape)}"
             )
+        if not keras.backend.is_float_dtype(inputs.dtype):
+            raise ValueError(
+                "`inputs` must be floating point token representations (e.g. the "
+                "output of an Embedding layer, not token ids). Received: "
+                f"inputs.dtype={keras.backend.standardize_dtype(inputs.dtype)}"
+            )
         tokens = ops.reshape(inputs, (-1, self.feature_dim))  # [T, d]
+        if tokens.shape[0] == 0:  # an empty batch: nothing to route
+            return ops.zeros_like(inputs)
+        # A token with a NaN or inf is routed aside: it takes no slot, counts
+        # in no loss or statistic, its output is NaN, and no other token's
+        # output depends on it (0 * NaN in the one-hot matmuls would spread it
+        # over its group).
+        finite = ops.all(ops.isfinite(tokens), axis=-1)  # [T]
+        tokens = ops.where(finite[:, None], tokens, ops.zeros_like(tokens))
         plan = self.plan(bool(training))
         groups, token_mask = plan.group(tokens, self.group_size)  # [G, S, d], [G, S]
+        finite_groups, _ = plan.group(ops.cast(finite, "float32")[:, None], self.group_size)
+        token_mask = ops.logical_and(token_mask, finite_groups[..., 0] > 0)
         outputs, stats = self.route_and_compute(plan, groups, token_mask, bool(training))
         outputs = plan.ungroup(outputs, ops.shape(tokens)[0])  # [T, d]
+        outputs = ops.where(finite[:, None], outputs, ops.full_like(outputs, float("nan")))
+        stats[NONFINITE] = 1.0 - ops.mean(ops.cast(finite, "float32"))
         aux_losses = [stats[name] for name in self.loss_names]
         if aux_losses:
             self.add_loss(ops.sum(ops.stack(aux_losses)))

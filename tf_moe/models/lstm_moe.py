@@ -10,8 +10,17 @@ Shape letters: B batch, L length, d model dim, V vocabulary.
 
 import keras
 
+from tf_moe._validation import check_fraction, check_positive_int
 from tf_moe.layers import HierarchicalMoE, MoE
 from tf_moe.routing import NoisyTopKRouter
+
+
+def check_model_config(model):
+    """Raises ValueError naming the `model.*` field that is invalid (the
+    layers check the MoE arguments under their own names)."""
+    for field in ("dim", "expert_hidden_dim", "group_size"):
+        check_positive_int(f"model.{field}", model[field])
+    check_fraction("model.dropout", model.dropout)
 
 
 def moe_layer_from_config(model, name="moe"):
@@ -55,6 +64,7 @@ def build_lstm_moe(vocab_size, sequence_length, model):
     Returns:
         keras.Model: int tokens [B, L] -> logits [B, L, V].
     """
+    check_model_config(model)
     tokens = keras.Input((sequence_length,), dtype="int32", name="tokens")
     x = keras.layers.Embedding(vocab_size, model.dim, name="embedding")(tokens)
     x = keras.layers.Dropout(model.dropout, name="embedding_dropout")(x)

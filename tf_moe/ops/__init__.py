@@ -13,4 +13,4 @@ from tf_moe.ops.dispatch import (
     slot_owner,
     slot_weight,
 )
-from tf_moe.ops.plan import DispatchPlan, resolve_plan
+from tf_moe.ops.plan import DispatchPlan, portable, resolve_plan

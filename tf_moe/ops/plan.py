@@ -18,6 +18,8 @@ for dropless):
 | TPU                        | einsum      | C = S buffers, with a warning  |
 | `ExpertParallel` mesh      | as above    | as above, expert-parallel      |
 | other `keras.distribution` | gather      | C = S buffers, with a warning  |
+| `portable()`; TF inference | gather      | C = S buffers (same function)  |
+|   traced without XLA       |             |                                |
 
 On an `ExpertParallel` mesh (`tf_moe.sharding`) einsum and gather run as one
 SPMD program with sharding constraints, custom_call and dropless per device
@@ -36,6 +38,7 @@ capacity, dispatch -> experts -> combine). Does not own: the dispatch math
 Shape letters: G groups, S group size, d model dim, E experts, C capacity.
 """
 
+import contextlib
 import dataclasses
 import functools
 import warnings
@@ -98,7 +101,7 @@ class DispatchPlan:
         if self.mesh is not None:
             return self.mesh.group(tokens, group_size)
         num_tokens = tokens.shape[0]
-        if num_tokens is not None:
+        if isinstance(num_tokens, int):  # not unknown, not symbolic (jax.export)
             group_size = min(group_size, num_tokens)
         return group_tokens(tokens, group_size)
 
@@ -183,19 +186,20 @@ def group_tokens(tokens, group_size):
     """Splits tokens into groups, padding the last one.
 
     Args:
-        tokens: [T, d].
+        tokens: [T, d] (T static, unknown, or symbolic as in `jax.export`).
         group_size: int, S.
 
     Returns:
         (groups [G, S, d], token_mask <bool>[G, S]) with G = ceil(T / S).
     """
     num_tokens = ops.shape(tokens)[0]
-    padding = (-num_tokens) % group_size
-    groups = ops.reshape(
-        ops.pad(tokens, [[0, padding], [0, 0]]), (-1, group_size, tokens.shape[-1])
-    )
-    token_mask = ops.arange(num_tokens + padding) < num_tokens
-    return groups, ops.reshape(token_mask, (-1, group_size))
+    # G and the padding written so that a symbolic T gives G * S rows exactly.
+    num_groups = (num_tokens + group_size - 1) // group_size
+    padding = num_groups * group_size - num_tokens
+    padded = ops.pad(tokens, [[0, padding], [0, 0]])
+    groups = ops.reshape(padded, (num_groups, group_size, tokens.shape[-1]))
+    token_mask = ops.arange(num_groups * group_size) < num_tokens
+    return groups, ops.reshape(token_mask, (num_groups, group_size))
 
 
 @functools.lru_cache(maxsize=None)
@@ -222,8 +226,44 @@ def _warn_buffers(setting, reason):
     )
 
 
+_PORTABLE = {"depth": 0}
+
+
+@contextlib.contextmanager
+def portable():
+    """Layers called within plan only programs of the framework's own ops:
+    "auto" is gather (einsum on TPU) and a None capacity factor means C = S
+    buffers (the same function as dropless), so the traced program can be
+    exported and served without tf_moe's libraries (`jax.export`,
+    `tf.saved_model`). An explicit dispatch="custom_call" raises.
+
+    On TensorFlow this is also the rule, without the context, for inference
+    calls traced into a graph that XLA does not compile (what `model.export()`
+    traces), so that its SavedModel loads in plain TensorFlow.
+    """
+    _PORTABLE["depth"] += 1
+    try:
+        yield
+    finally:
+        _PORTABLE["depth"] -= 1
+
+
+def _tf_inference_graph(training):
+    """An inference call traced into a TF graph that XLA will not compile."""
+    if training or keras.backend.backend() != "tensorflow":
+        return False
+    import tensorflow as tf
+    from tensorflow.python.framework import ops as tf_ops
+    from tensorflow.python.ops import control_flow_util
+
+    if tf.executing_eagerly():
+        return False
+    return not control_flow_util.GraphOrParentsInXlaContext(tf_ops.get_default_graph())
+
+
 def resolve_plan(dispatch="auto", capacity_factor=1.25, token_choice=True, rows=True,
-                 capacity_name="capacity_factor", num_experts=None, per_shard=True):
+                 capacity_name="capacity_factor", num_experts=None, per_shard=True,
+                 training=None):
     """The `DispatchPlan` of one layer call.
 
     Args:
@@ -240,6 +280,8 @@ def resolve_plan(dispatch="auto", capacity_factor=1.25, token_choice=True, rows=
             distribution makes the call expert-parallel (`plan.mesh`).
         per_shard: whether the layer can run its dispatch as a per-device
             program (False for `HierarchicalMoE`: SPMD paths only on a mesh).
+        training: the call's mode (None: unknown), for the portable rule of
+            TF inference graphs (see `portable`).
 
     Raises:
         ValueError: an unknown `dispatch`; E not divisible by the mesh's
@@ -252,6 +294,17 @@ def resolve_plan(dispatch="auto", capacity_factor=1.25, token_choice=True, rows=
     mesh = None if num_experts is None else sharding.mesh_experts(num_experts)
     wants_rows = capacity_factor is None and token_choice and rows
     setting = f"{capacity_name}=None with dispatch={dispatch!r}"
+    if _PORTABLE["depth"] and dispatch == "custom_call":
+        raise ValueError(
+            "dispatch='custom_call' cannot be exported as a portable program (its "
+            "custom calls need tf_moe's libraries where it runs). Use "
+            "dispatch='auto' (or 'gather'/'einsum') for export. Received: "
+            "dispatch='custom_call' inside tf_moe.ops.plan.portable()"
+        )
+    if dispatch == "auto" and (_PORTABLE["depth"] or _tf_inference_graph(training)):
+        path = "einsum" if _platform(keras.backend.backend()) == "tpu" else "gather"
+        return DispatchPlan(path, False, capacity_factor, mesh=mesh,
+                            reason="auto: a portable program (framework ops only)")
     if dispatch == "custom_call":
         if mesh is not None and not per_shard:
             raise ValueError(

@@ -19,7 +19,7 @@ import keras
 from keras import ops
 
 from tf_moe._groups import scatter_add_per_group
-from tf_moe._validation import check_non_negative, check_positive_int
+from tf_moe._validation import check_initializer, check_non_negative, check_positive_int
 from tf_moe.routing import capacity as capacity_lib
 from tf_moe.routing import losses
 
@@ -257,7 +257,7 @@ class Router(keras.layers.Layer):
         self.num_gates = num_gates
         self.jitter_noise = float(jitter_noise)
         self.z_loss_weight = float(z_loss_weight)
-        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        self.kernel_initializer = check_initializer("kernel_initializer", kernel_initializer)
         self.seed = seed
         self.seed_generator = keras.random.SeedGenerator(seed)
 
