@@ -28,7 +28,8 @@ def get_config():
         expert_hidden_dim=256,
         num_groups=4, experts_per_group=4, primary_k=2, secondary_k=2,
         capacity_factor=1.25,
-        eval_capacity_factor=2.0,
+        eval_capacity_factor=None,  # dropless at evaluation: no token's output
+                                    # depends on later tokens or other sequences
         group_size=1024,
         importance_loss_weight=0.1,
         load_loss_weight=0.1,

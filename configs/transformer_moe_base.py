@@ -49,7 +49,10 @@ def get_config():
         expert_activation="relu",  # or "geglu"
         expert_dropout=0.1,
         capacity_factor=1.25,      # expert capacity C = capacity_factor * S * k / E
-        eval_capacity_factor=2.0,
+        eval_capacity_factor=None,  # dropless at evaluation and decoding: a
+                                   # capacity would let later tokens and other
+                                   # sequences change a token's output (the
+                                   # papers evaluated with 2.0)
         group_size=1024,           # tokens routed together (S)
         dispatch="auto",
     ))

@@ -37,6 +37,27 @@ class LstmMoeConfigsTest(parameterized.TestCase):
         logits = model(np.zeros((2, 6), "int32"))
         self.assertEqual(tuple(logits.shape), (2, 6, 50))
 
+    @parameterized.named_parameters(CONFIGS[:1] + CONFIGS[-1:])
+    def test_evaluation_is_causal_and_per_sequence(self, config):
+        """With the config's evaluation settings, logits at positions < t do
+        not change when tokens >= t do, nor a sequence's when its batch-mates
+        change (the LSTMs are causal; the MoE must not couple tokens)."""
+        import keras
+
+        m = config.model
+        m.dim, m.expert_hidden_dim, m.group_size = 8, 8, 64
+        keras.utils.set_random_seed(0)
+        model = build_lstm_moe(50, 12, m)
+        rng = np.random.default_rng(0)
+        tokens = rng.integers(1, 50, (4, 12)).astype("int32")
+        logits = np.asarray(model(tokens, training=False))
+        future, mates = tokens.copy(), tokens.copy()
+        future[:, 8:] = rng.integers(1, 50, (4, 4))
+        mates[1:] = rng.integers(1, 50, (3, 12))
+        np.testing.assert_array_equal(np.asarray(model(future, training=False))[:, :8],
+                                      logits[:, :8])
+        np.testing.assert_array_equal(np.asarray(model(mates, training=False))[0], logits[0])
+
     def test_flat_family_has_fixed_active_expert_parameters(self):
         active = set()
         for e in lstm_moe_flat.NUM_EXPERTS:

@@ -95,8 +95,40 @@ class PaperConfigsTest(parameterized.TestCase):
         self.assertEqual(actual, PAPER_NUMBERS[name])
         self.assertEqual(m.balance_loss_weight, 1e-2)
         self.assertEqual(m.expert_hidden_dim, m.ffn_hidden_dim)
-        self.assertEqual(m.eval_capacity_factor, 2.0)
+        # Evaluated dropless (the papers used 2.0): see test_evaluation_is_causal.
+        self.assertIsNone(m.eval_capacity_factor)
         self.assertEqual(load_config(name).task, "translate")
+
+    @parameterized.named_parameters(
+        ("tiny_lm", "transformer_moe_tiny_lm"), ("switch_base", "switch_base"),
+        ("st_moe", "st_moe"),
+    )
+    def test_evaluation_is_causal_and_per_sequence(self, name):
+        """With the shipped evaluation settings (at tiny width), the logits at
+        positions < t are exactly unchanged when tokens >= t change, and a
+        sequence's logits do not depend on its batch-mates."""
+        import keras
+        import numpy as np
+
+        from tf_moe.models import build_decoder_lm
+
+        m = load_config(name).model
+        m.update(dim=16, num_heads=2, ffn_hidden_dim=32, expert_hidden_dim=32,
+                  num_experts=4, num_layers=max(2, m.moe_every), group_size=64)
+        keras.utils.set_random_seed(0)
+        model = build_decoder_lm(50, 16, m)
+        rng = np.random.default_rng(0)
+        tokens = rng.integers(1, 50, (4, 16)).astype("int32")
+        logits = np.asarray(model(tokens, training=False))
+        future = tokens.copy()
+        future[:, 10:] = rng.integers(1, 50, (4, 6))
+        mates = tokens.copy()
+        mates[1:] = rng.integers(1, 50, (3, 16))
+        changed_future = np.asarray(model(future, training=False))
+        changed_mates = np.asarray(model(mates, training=False))
+        np.testing.assert_array_equal(changed_future[:, :10], logits[:, :10])
+        np.testing.assert_array_equal(changed_mates[0], logits[0])
+        self.assertGreater(np.abs(changed_future[:, 10:] - logits[:, 10:]).max(), 0.0)
 
     def test_two_step_smoke_runs(self):
         env = dict(os.environ)

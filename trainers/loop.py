@@ -21,6 +21,7 @@ import keras
 import numpy as np
 
 import tf_moe
+from tf_moe._validation import check_positive, check_positive_int
 from trainers.checkpoint import (
     CheckpointError,
     CheckpointManager,
@@ -48,17 +49,35 @@ def claim_workdir(workdir):
         atexit.register(_LOCKS[key].release)
 
 
+class ConfigError(ValueError):
+    """A config field or flag is invalid (the message names it)."""
+
+
+@contextlib.contextmanager
+def config_errors():
+    """Turns the ValueErrors of config checks into `ConfigError`s, which
+    `run_main` reports without a traceback."""
+    try:
+        yield
+    except ConfigError:
+        raise
+    except ValueError as error:
+        raise ConfigError(str(error)) from error
+
+
 def run_main(main):
-    """`main` for `absl.app.run`: the run's own errors (a checkpoint of
-    another model, a failed save, a workdir in use, a bad config) end it with
-    their message and exit code 1, without a traceback."""
+    """`main` for `absl.app.run`: the run's own errors (a bad config, a
+    checkpoint of another model, a failed save, a workdir in use, a
+    non-finite loss) end it with their message and exit code 1, without a
+    traceback; anything else keeps its traceback."""
 
     def wrapped(argv):
         try:
             return main(argv)
-        except (CheckpointError, CheckpointMismatchError, CheckpointSaveError,
-                WorkdirInUseError, ValueError) as error:
-            print(f"ERROR: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
+        except (ConfigError, CheckpointError, CheckpointMismatchError, CheckpointSaveError,
+                WorkdirInUseError, NonFiniteLossError) as error:
+            name = "ValueError" if isinstance(error, ConfigError) else type(error).__name__
+            print(f"ERROR: {name}: {error}", file=sys.stderr, flush=True)
             sys.exit(1)
 
     return wrapped
@@ -168,25 +187,99 @@ class ExpertLoadHeatmap(keras.callbacks.Callback):
 
 def parameter_counts(model):
     """(total parameters, parameters active per token)."""
-    total = sum(int(np.prod(v.shape)) for v in model.trainable_variables)
-    inactive = 0
-    for layer in tf_moe.metrics.moe_layers(model):
-        experts = sum(int(np.prod(v.shape)) for v in layer.experts.trainable_variables)
-        inactive += experts * (1.0 - layer.active_expert_fraction)
-    return total, int(round(total - inactive))
+    summary = tf_moe.metrics.parameter_summary(model)
+    return summary["total"], summary["active"]
 
 
 def check_train_config(train):
-    for name in ("steps", "checkpoint_every", "batch_size"):
-        value = train[name]
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"`train.{name}` must be an integer >= 1. Received: {value!r}")
+    """Raises ValueError naming the first invalid `train.*` field."""
+    for name in ("steps", "checkpoint_every", "batch_size", "keep_checkpoints", "log_every"):
+        if name in train:
+            check_positive_int(f"train.{name}", train[name])
+    check_positive_int("train.warmup_steps", train.warmup_steps, minimum=0)
+    check_positive("train.learning_rate", train.learning_rate)
+    if train.get("clipnorm") is not None:
+        check_positive("train.clipnorm", train.clipnorm)
     if train.steps % train.checkpoint_every:
         raise ValueError(
             "`train.steps` must be a multiple of `train.checkpoint_every` (training "
             "runs in checkpoint-sized epochs). Received: "
             f"train.steps={train.steps}, train.checkpoint_every={train.checkpoint_every}"
         )
+
+
+def check_data_config(data):
+    """Raises ValueError naming the first invalid `data.*` field the trainers
+    share."""
+    check_positive_int("data.sequence_length", data.sequence_length, minimum=2)
+    check_positive_int("data.vocab_size", data.vocab_size, minimum=8)
+    check_positive_int("data.eval_batches", data.eval_batches, minimum=0)
+    if data.data_dir is not None and not isinstance(data.data_dir, str):
+        raise ValueError(
+            f"`data.data_dir` must be a folder path or None. Received: data.data_dir={data.data_dir!r}"
+        )
+
+
+def check_workdir(workdir):
+    if not isinstance(workdir, str) or not workdir.strip():
+        raise ValueError(
+            "`--workdir` must name a folder for checkpoints, TensorBoard and the "
+            f"summary. Received: --workdir={workdir!r}"
+        )
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise ValueError(f"`--workdir` is a file, not a folder. Received: --workdir={workdir!r}")
+
+
+def corpus_builder(name, data_dir):
+    """`tfds.builder(name, data_dir=...)`, with errors that name the field."""
+    import tensorflow_datasets as tfds
+
+    try:
+        return tfds.builder(name, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError as error:
+        from tf_moe import data as data_lib
+
+        built_in = (data_lib.TfMoeLmEn.name, data_lib.TfMoeTranslateEnDe.name)
+        raise ConfigError(
+            f"`data.corpus` must be a tfds dataset: one of the built-in corpora "
+            f"{built_in}, or e.g. 'lm1b' / 'wmt14_translate/de-en' prepared in "
+            f"`data.data_dir`. Received: data.corpus={name!r}"
+        ) from error
+
+
+def evaluate(model, dataset):
+    """`model.evaluate` of every batch of `dataset` as a dict (with the
+    routing statistics of its last batch), the number of steps given: Keras 3.15 on TensorFlow without XLA returns a
+    wrong mean (5/6 of the loss, measured) for a dataset of unknown
+    cardinality evaluated without `steps`."""
+    steps = int(dataset.cardinality())
+    if steps < 0:  # unknown or infinite: count (evaluation sets are small)
+        steps = int(dataset.reduce(0, lambda count, _: count + 1))
+    logger = tf_moe.metrics.RoutingStatsLogger()
+    logs = model.evaluate(dataset, steps=steps, return_dict=True, verbose=0,
+                          callbacks=[logger])
+    return {**logs, **logger.test_stats}
+
+
+class StopOnNonFiniteLoss(keras.callbacks.Callback):
+    """Ends training with `NonFiniteLossError` at the first step whose loss is
+    NaN or inf, before the epoch's checkpoint can be written (Keras's
+    `TerminateOnNaN` only stops, and the run would end with exit code 0)."""
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(float(loss)):
+            step = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
+            raise NonFiniteLossError(
+                f"The training loss is {float(loss)} at step {step}; the run stops "
+                "and no checkpoint is written from here (the last good one is "
+                "kept). Look at the learning rate (`train.learning_rate`) and "
+                "the data."
+            )
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or inf."""
 
 
 def fit(model, make_train_data, config, workdir, tokens_per_step, validation_data=None,
@@ -226,7 +319,8 @@ def fit(model, make_train_data, config, workdir, tokens_per_step, validation_dat
         print(f"Resuming from step {start} ({manager.path(start)})", flush=True)
     throughput = Throughput(tokens_per_step)
     tb_dir = os.path.join(workdir, "tensorboard")
-    callbacks = [throughput, tf_moe.metrics.RoutingStatsLogger(), Checkpointing(manager)]
+    callbacks = [StopOnNonFiniteLoss(), throughput, tf_moe.metrics.RoutingStatsLogger(),
+                 Checkpointing(manager)]
     if is_chief():  # one writer of the run's TensorBoard files
         callbacks += [
             ExpertLoadHeatmap(tb_dir),

@@ -20,6 +20,7 @@ from tf_moe import data as data_lib
 from tf_moe.data import pipeline
 from tf_moe.data import tokenizer as tokenizer_lib
 from tf_moe.models import build_lstm_moe
+from tf_moe.models.lstm_moe import check_model_config
 from trainers import distribution, loop
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -35,9 +36,17 @@ flags.mark_flag_as_required("workdir")
 def make_datasets(config):
     """(tokenizer, make_train(start_step), validation, test) datasets."""
     d = config.data
+    builder = loop.corpus_builder(d.corpus, d.data_dir)
     if _BUILD_DATA.value and d.corpus == data_lib.TfMoeLmEn.name:
         # Fetches and prepares the built-in corpus once; a no-op afterwards.
-        tfds.builder(d.corpus, data_dir=d.data_dir).download_and_prepare()
+        builder.download_and_prepare()
+    elif not builder.is_prepared():
+        raise loop.ConfigError(
+            f"`data.corpus` {d.corpus!r} is not prepared in `data.data_dir` "
+            f"({builder.data_dir}): prepare it there with tfds (`tfds build "
+            f"{d.corpus} --data_dir=...`) or point data.data_dir at it. Received: "
+            f"data.data_dir={d.data_dir!r}"
+        )
     tokenizer = tokenizer_lib.load_or_train(d.corpus, d.data_dir, d.vocab_size)
     batch = config.train.batch_size
 
@@ -74,11 +83,15 @@ def unigram_baseline(config, tokenizer, test):
 def main(argv):
     del argv
     config = _CONFIG.value
-    loop.check_train_config(config.train)
-    scope, where = distribution.setup(config)
+    with loop.config_errors():
+        loop.check_workdir(_WORKDIR.value)
+        loop.check_train_config(config.train)
+        loop.check_data_config(config.data)
+        check_model_config(config.model)
+        scope, where = distribution.setup(config)
     keras.utils.set_random_seed(config.seed)
     tokenizer, make_train, validation, test = make_datasets(config)
-    with scope:
+    with scope, loop.config_errors():  # the layers check the model fields
         model = build_lstm_moe(tokenizer.vocab_size, config.data.sequence_length, config.model)
         model.compile(
             optimizer=loop.make_optimizer(config.train),
@@ -94,8 +107,8 @@ def main(argv):
         **where,
         "steps": result["final_step"],
         "resumed_from_step": result["start_step"],
-        "validation_perplexity": model.evaluate(validation, return_dict=True, verbose=0)["perplexity"],
-        "test_perplexity": model.evaluate(test, return_dict=True, verbose=0)["perplexity"],
+        "validation_perplexity": loop.evaluate(model, validation)["perplexity"],
+        "test_perplexity": loop.evaluate(model, test)["perplexity"],
         "unigram_test_perplexity": unigram_baseline(config, tokenizer, test),
         "total_parameters": total,
         "active_parameters_per_token": active,

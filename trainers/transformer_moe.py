@@ -55,12 +55,11 @@ def check_config(config):
     if config.task not in TASKS:
         raise ValueError(f"`config.task` must be one of {TASKS}. Received: config.task={config.task!r}")
     loop.check_train_config(config.train)
+    loop.check_data_config(config.data)
     check_model_config(config.model)
-    _check_int("data.sequence_length", config.data.sequence_length, 2)
     _check_int("eval.beam_size", config.eval.beam_size, 1)
     _check_int("eval.bleu_examples", config.eval.bleu_examples, 0)
     _check_int("eval.decode_batch_size", config.eval.decode_batch_size, 1)
-    _check_int("data.eval_batches", config.data.eval_batches, 0)
     if config.eval.length_penalty_alpha < 0:
         raise ValueError(
             "`eval.length_penalty_alpha` must be >= 0. Received: "
@@ -73,11 +72,11 @@ def corpus_name(config):
 
 
 def _check_corpus_matches_task(config):
-    features = tfds.builder(corpus_name(config), data_dir=config.data.data_dir).info.features
+    features = loop.corpus_builder(corpus_name(config), config.data.data_dir).info.features
     is_translation = isinstance(features, tfds.features.Translation)
     if is_translation != (config.task == "translate"):
         kind = "a translation" if is_translation else "a text (language-modeling)"
-        raise ValueError(
+        raise loop.ConfigError(
             f"`data.corpus` is {kind} dataset, which does not fit `config.task`. "
             f"Received: data.corpus={corpus_name(config)!r}, config.task={config.task!r}"
         )
@@ -89,7 +88,13 @@ def make_datasets(config):
     corpus = corpus_name(config)
     if _BUILD_DATA.value and corpus in BUILT_IN_CORPORA.values():
         # Fetches and prepares the built-in corpus once; a no-op afterwards.
-        tfds.builder(corpus, data_dir=d.data_dir).download_and_prepare()
+        loop.corpus_builder(corpus, d.data_dir).download_and_prepare()
+    elif not loop.corpus_builder(corpus, d.data_dir).is_prepared():
+        raise loop.ConfigError(
+            f"`data.corpus` {corpus!r} is not prepared in `data.data_dir`: prepare it "
+            f"with tfds (`tfds build {corpus} --data_dir=...`) or point "
+            f"data.data_dir at it. Received: data.data_dir={d.data_dir!r}"
+        )
     _check_corpus_matches_task(config)
     tokenizer = tokenizer_lib.load_or_train(corpus, d.data_dir, d.vocab_size)
 
@@ -220,11 +225,13 @@ def bleu(translator, config, tokenizer, split_fn, split, beam_size):
 def main(argv):
     del argv
     config = _CONFIG.value
-    check_config(config)
-    scope, where = distribution.setup(config)
+    with loop.config_errors():
+        loop.check_workdir(_WORKDIR.value)
+        check_config(config)
+        scope, where = distribution.setup(config)
     keras.utils.set_random_seed(config.seed)
     tokenizer, make_train, validation, test, split_fn = make_datasets(config)
-    with scope:
+    with scope, loop.config_errors():  # the layers check the model fields
         model = build_model(config, tokenizer.vocab_size)
     # LM: every position is a token; translate: padded target positions.
     tokens_per_step = config.train.batch_size * config.data.sequence_length
@@ -237,8 +244,8 @@ def main(argv):
         "corpus": corpus_name(config),
         "steps": result["final_step"],
         "resumed_from_step": result["start_step"],
-        "validation_perplexity": model.evaluate(validation, return_dict=True, verbose=0)["perplexity"],
-        "test_perplexity": model.evaluate(test, return_dict=True, verbose=0)["perplexity"],
+        "validation_perplexity": loop.evaluate(model, validation)["perplexity"],
+        "test_perplexity": loop.evaluate(model, test)["perplexity"],
     }
     if config.task == "translate":
         start = time.perf_counter()
