@@ -232,7 +232,7 @@ class DispatchOp : public RoutingKernel {
     RoutingView r;
     OP_REQUIRES_OK(ctx, GetRouting(ctx, 1, -1, &r));
     const Tensor& x = ctx->input(0);
-    int64_t d;
+    int64_t d = 0;
     OP_REQUIRES_OK(ctx, CheckTokens(r, x, "x", &d));
     TensorShape out_shape;
     OP_REQUIRES_OK(ctx, CheckedTensorShape("expert_inputs",
@@ -282,7 +282,7 @@ class CombineGradOp : public RoutingKernel {
     OP_REQUIRES_OK(ctx, GetRouting(ctx, 2, 5, &r));
     const Tensor& grad_output = ctx->input(0);
     const Tensor& y = ctx->input(1);
-    int64_t d;
+    int64_t d = 0;
     OP_REQUIRES_OK(ctx, CheckTokens(r, grad_output, "grad_output", &d));
     OP_REQUIRES_OK(ctx, CheckExperts(r, y.shape(), "expert_outputs", d));
     Tensor* dy;
