@@ -17,6 +17,8 @@ import tempfile
 
 from absl.testing import absltest
 from absl.testing import parameterized
+from etils import epath
+import grain
 import numpy as np
 
 from tf_moe.data import pipeline
@@ -40,6 +42,14 @@ def setUpModule():
 
 def tearDownModule():
     shutil.rmtree(DATA_DIR, ignore_errors=True)
+
+
+def _env(**values):
+    """This process's environment, the repository first on PYTHONPATH."""
+    env = dict(os.environ, **values)
+    paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT)] + paths)
+    return env
 
 
 def _rows(windows):
@@ -82,6 +92,21 @@ class ExportTest(absltest.TestCase):
             examples = {"train": 1500, "validation": 100, "test": 100}[split]
             self.assertEqual(int(np.sum(tokens == token_cache.EOS_ID)), examples)
             self.assertEqual(tokens[-1], token_cache.EOS_ID)
+
+    def test_command_line(self):
+        out = os.path.join(self.create_tempdir().full_path, "cache")
+        result = subprocess.run(
+            [sys.executable, "-m", "tf_moe.data.token_cache",
+             f"--corpus={tiny_corpora.TinyLm.name}", f"--data_dir={DATA_DIR}",
+             f"--out={out}", f"--vocab_size={VOCAB_SIZE}", "--splits=validation"],
+            env=_env(), capture_output=True, text=True, timeout=240,
+        )
+        self.assertEqual(result.returncode, 0, result.stderr)
+        manifest = token_cache.load_lm_cache(out).manifest
+        self.assertEqual(json.loads(result.stdout), manifest)
+        expected = token_cache.load_lm_cache(CACHE_DIR).manifest
+        self.assertEqual(manifest["splits"], {"validation": expected["splits"]["validation"]})
+        self.assertEqual(manifest["tokenizer"], expected["tokenizer"])
 
     def test_ids_match_tokenizer_module(self):
         self.assertEqual(token_cache.PAD_ID, tokenizer_lib.PAD_ID)
@@ -196,6 +221,20 @@ class LoaderTest(parameterized.TestCase):
         _assert_batches_equal(self, actual, expected)
         if not repeat:
             self.assertEqual(list(resumed), [])
+
+    def test_grain_orbax_handler_saves_and_restores(self):
+        def loader():
+            return token_cache.lm_loader(self.cache, "train", 16, 8, seed=2, repeat=True)
+
+        uninterrupted = loader()
+        expected = [next(uninterrupted) for _ in range(7)][4:]
+        interrupted = loader()
+        for _ in range(4):
+            next(interrupted)
+        directory = epath.Path(self.create_tempdir().full_path)
+        grain.checkpoint.CheckpointHandler().save(directory, interrupted)
+        resumed = grain.checkpoint.CheckpointHandler().restore(directory, loader())
+        _assert_batches_equal(self, [next(resumed) for _ in range(3)], expected)
 
     def test_state_of_other_loader_is_refused(self):
         base = dict(split="train", seq_len=16, batch_size=8, seed=0)
@@ -334,13 +373,9 @@ print(json.dumps({
 class WithoutTensorFlowTest(absltest.TestCase):
 
     def test_reads_cache_without_tensorflow(self):
-        env = dict(os.environ, KERAS_BACKEND="jax", JAX_PLATFORMS="cpu")
-        env["PYTHONPATH"] = os.pathsep.join(
-            [str(REPO_ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
-        )
         result = subprocess.run(
             [sys.executable, "-c", _WITHOUT_TENSORFLOW, CACHE_DIR],
-            env=env, capture_output=True, text=True, timeout=240,
+            env=_env(KERAS_BACKEND="jax", JAX_PLATFORMS="cpu"), capture_output=True, text=True, timeout=240,
         )
         self.assertEqual(result.returncode, 0, result.stderr)
         output = json.loads(result.stdout.strip().splitlines()[-1])
