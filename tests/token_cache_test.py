@@ -35,7 +35,9 @@ def setUpModule():
     global DATA_DIR, CACHE_DIR, TOKENIZER
     DATA_DIR = tempfile.mkdtemp(prefix="token_cache_test_")
     tiny_corpora.TinyLm(data_dir=DATA_DIR).download_and_prepare()
-    TOKENIZER = tokenizer_lib.load_or_train(tiny_corpora.TinyLm.name, DATA_DIR, VOCAB_SIZE)
+    TOKENIZER = tokenizer_lib.load_or_train(
+        tiny_corpora.TinyLm.name, DATA_DIR, VOCAB_SIZE
+    )
     CACHE_DIR = os.path.join(DATA_DIR, "cache")
     token_cache.export_lm_cache(tiny_corpora.TinyLm.name, DATA_DIR, CACHE_DIR, TOKENIZER)
 
@@ -105,7 +107,9 @@ class ExportTest(absltest.TestCase):
         manifest = token_cache.load_lm_cache(out).manifest
         self.assertEqual(json.loads(result.stdout), manifest)
         expected = token_cache.load_lm_cache(CACHE_DIR).manifest
-        self.assertEqual(manifest["splits"], {"validation": expected["splits"]["validation"]})
+        self.assertEqual(
+            manifest["splits"], {"validation": expected["splits"]["validation"]}
+        )
         self.assertEqual(manifest["tokenizer"], expected["tokenizer"])
 
     def test_ids_match_tokenizer_module(self):
@@ -166,7 +170,13 @@ class LoaderTest(parameterized.TestCase):
         seq_len = 16
         source = token_cache.LmWindows(self.cache.tokens("train"), seq_len)
         count = len(source)
-        windows = np.stack([np.concatenate([x, y[-1:]]) for x, y in (source[i] for i in range(count))])
+        windows = np.stack(
+            [np.concatenate([x, y[-1:]]) for x, y in (source[i] for i in range(count))]
+        )
+        tokens = self.cache.tokens("train")
+        np.testing.assert_array_equal(
+            windows, tokens[: count * (seq_len + 1)].reshape(count, seq_len + 1)
+        )
 
         def epochs(seed, number=2):
             loader = token_cache.lm_loader(
@@ -189,7 +199,8 @@ class LoaderTest(parameterized.TestCase):
 
     def test_shuffled_without_repeat_is_one_epoch(self):
         batches = list(token_cache.lm_loader(self.cache, "train", 16, 1, seed=3))
-        self.assertLen(batches, len(token_cache.LmWindows(self.cache.tokens("train"), 16)))
+        windows = token_cache.LmWindows(self.cache.tokens("train"), 16)
+        self.assertLen(batches, len(windows))
 
     @parameterized.named_parameters(
         ("train_repeat_across_epochs", "train", True, True),
@@ -257,8 +268,8 @@ class LoaderTest(parameterized.TestCase):
             (dict(seq_len=2.5), "seq_len"),
             (dict(batch_size=0), "batch_size"),
             (dict(seed=-1), "seed"),
-            (dict(seq_len=10**7), "seq_len"),
-            (dict(split="validation", batch_size=10**6), "batch_size"),
+            (dict(seq_len=10**7), "seq_len is too large.*seq_len=10000000"),
+            (dict(split="validation", batch_size=10**6), "batch_size=1000000"),
         ]
         for change, pattern in cases:
             arguments = {**dict(split="train", seq_len=16, batch_size=4), **change}
@@ -308,18 +319,25 @@ class DamageTest(absltest.TestCase):
 
     def test_damaged_tokenizer(self):
         path = self.copy / "spm.model"
-        path.write_bytes(path.read_bytes() + b"x")
-        with self.assertRaisesRegex(ValueError, f"{path}.*SHA-256"):
+        data = bytearray(path.read_bytes())
+        data[100] ^= 0x80
+        path.write_bytes(bytes(data))
+        with self.assertRaisesRegex(ValueError, f"{path} is damaged.*SHA-256"):
+            token_cache.load_lm_cache(self.copy)
+        path.write_bytes(bytes(data[:-1]))
+        with self.assertRaisesRegex(ValueError, f"{path} has .* bytes.*truncated"):
             token_cache.load_lm_cache(self.copy)
 
     def test_missing_manifest(self):
         (self.copy / "manifest.json").unlink()
-        with self.assertRaisesRegex(FileNotFoundError, f"cache_dir='{self.copy}'.*manifest.json"):
+        pattern = f"cache_dir='{self.copy}'.*manifest.json"
+        with self.assertRaisesRegex(FileNotFoundError, pattern):
             token_cache.load_lm_cache(self.copy)
 
     def test_missing_split_file(self):
         (self.copy / "test.npy").unlink()
-        with self.assertRaisesRegex(FileNotFoundError, f"{self.copy / 'test.npy'} is missing"):
+        pattern = f"{self.copy / 'test.npy'} is missing"
+        with self.assertRaisesRegex(FileNotFoundError, pattern):
             token_cache.load_lm_cache(self.copy)
 
     def test_other_version(self):
@@ -329,9 +347,18 @@ class DamageTest(absltest.TestCase):
             token_cache.load_lm_cache(self.copy)
 
     def test_bad_manifest(self):
-        (self.copy / "manifest.json").write_text("{not json")
-        with self.assertRaisesRegex(ValueError, "manifest.json is not valid"):
-            token_cache.load_lm_cache(self.copy)
+        path = self.copy / "manifest.json"
+        test_entry = self.manifest["splits"]["test"]
+        outside = {**test_entry, "file": "../x.npy"}
+        outside = {**self.manifest, "splits": {"test": outside}}
+        no_count = {**test_entry}
+        del no_count["tokens"]
+        no_count = {**self.manifest, "splits": {"test": no_count}}
+        for text in ["{not json", "[]", json.dumps(outside), json.dumps(no_count)]:
+            with self.subTest(text=text[:40]):
+                path.write_text(text)
+                with self.assertRaisesRegex(ValueError, f"{path} is not valid"):
+                    token_cache.load_lm_cache(self.copy)
 
 
 # Run with TensorFlow, tensorflow_datasets and tensorflow_text unimportable
@@ -375,7 +402,10 @@ class WithoutTensorFlowTest(absltest.TestCase):
     def test_reads_cache_without_tensorflow(self):
         result = subprocess.run(
             [sys.executable, "-c", _WITHOUT_TENSORFLOW, CACHE_DIR],
-            env=_env(KERAS_BACKEND="jax", JAX_PLATFORMS="cpu"), capture_output=True, text=True, timeout=240,
+            env=_env(KERAS_BACKEND="jax", JAX_PLATFORMS="cpu"),
+            capture_output=True,
+            text=True,
+            timeout=240,
         )
         self.assertEqual(result.returncode, 0, result.stderr)
         output = json.loads(result.stdout.strip().splitlines()[-1])
@@ -385,7 +415,9 @@ class WithoutTensorFlowTest(absltest.TestCase):
         cache = token_cache.load_lm_cache(CACHE_DIR)
         loader = token_cache.lm_loader(cache, "train", 16, 4, seed=7, repeat=True)
         expected = [next(loader) for _ in range(3)]
-        actual = [(np.array(x, np.int32), np.array(y, np.int32)) for x, y in output["batches"]]
+        actual = [
+            (np.array(x, np.int32), np.array(y, np.int32)) for x, y in output["batches"]
+        ]
         _assert_batches_equal(self, actual, expected)
         self.assertEqual(json.loads(output["state"]), loader.get_state())
         self.assertEqual(output["text"], cache.detokenize(expected[0][0][0]))

@@ -24,8 +24,8 @@ Cache layout (`manifest.json` is written last, and the folder appears under
 its name only complete, by a rename):
 
     <cache>/manifest.json   format, version, corpus, vocab_size, tokenizer
-                            {file, sha256}, splits {split: {file, tokens,
-                            bytes, sha256}}
+                            {file, bytes, sha256}, splits {split: {file,
+                            tokens, bytes, sha256}}
     <cache>/<split>.npy     <int32>[N], the split's token stream
     <cache>/spm.model       the SentencePiece model (tokenizer.model bytes)
 
@@ -98,7 +98,9 @@ def _token_chunks(name, split, data_dir, tokenizer):
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
     from tf_moe.data import pipeline  # pylint: disable=g-import-not-at-top
 
-    dataset = pipeline._load(name, split, data_dir, shuffle=False, seed=0)  # pylint: disable=protected-access
+    # The loading (and its error for an unprepared dataset) of lm_dataset.
+    # pylint: disable-next=protected-access
+    dataset = pipeline._load(name, split, data_dir, shuffle=False, seed=0)
 
     def tokenize(texts):
         ids = tokenizer.tokenize(texts)  # ragged [n, (tokens)]
@@ -159,13 +161,15 @@ def export_lm_cache(
         FileExistsError: `out_dir` exists.
         FileNotFoundError: the dataset is not prepared in `data_dir`.
     """
-    from tf_moe.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+    # pylint: disable-next=g-import-not-at-top
+    from tf_moe.data import tokenizer as tokenizer_lib
 
     splits = _check_splits(splits)
     out_dir = pathlib.Path(out_dir).expanduser()
     if out_dir.exists():
         raise FileExistsError(
-            f"out_dir exists; remove it or choose another. Received: out_dir={str(out_dir)!r}"
+            "out_dir exists; remove it or choose another. "
+            f"Received: out_dir={str(out_dir)!r}"
         )
     if tokenizer is None:
         tokenizer = tokenizer_lib.load_or_train(
@@ -182,7 +186,11 @@ def export_lm_cache(
             "version": VERSION,
             "corpus": name,
             "vocab_size": int(tokenizer.vocab_size),
-            "tokenizer": {"file": SPM_MODEL, "sha256": _sha256(temp_dir / SPM_MODEL)},
+            "tokenizer": {
+                "file": SPM_MODEL,
+                "bytes": len(tokenizer.model),
+                "sha256": _sha256(temp_dir / SPM_MODEL),
+            },
             "splits": {},
         }
         for split in splits:
@@ -254,7 +262,10 @@ class LmCache:
         return self._processor.decode(row.tolist())
 
     def __repr__(self):
-        return f"LmCache({str(self.cache_dir)!r}, corpus={self.corpus!r}, splits={self.splits})"
+        return (
+            f"LmCache({str(self.cache_dir)!r}, corpus={self.corpus!r}, "
+            f"splits={self.splits})"
+        )
 
 
 def _check_file(path, size, sha256):
@@ -272,6 +283,29 @@ def _check_file(path, size, sha256):
         )
 
 
+def _manifest_problem(manifest):
+    """What is wrong with a parsed manifest (str), or None."""
+    try:
+        if (manifest["format"], manifest["version"]) != (FORMAT, VERSION):
+            return (
+                f"format={manifest['format']!r}, version={manifest['version']}; "
+                f"this code reads format={FORMAT!r}, version={VERSION}"
+            )
+        int(manifest["vocab_size"]), str(manifest["corpus"])
+        # File names are fixed, so a manifest cannot point outside the cache.
+        files = {SPM_MODEL: manifest["tokenizer"]}
+        files.update({f"{split}.npy": e for split, e in manifest["splits"].items()})
+        for file, entry in files.items():
+            bad_size = int(entry["bytes"]) < 0
+            if entry["file"] != file or bad_size or len(entry["sha256"]) != 64:
+                return f"bad entry for {file}: {entry}"
+        for entry in manifest["splits"].values():
+            int(entry["tokens"])
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        return f"a field is missing or malformed ({error!r})"
+    return None
+
+
 def _read_manifest(cache_dir):
     path = cache_dir / MANIFEST
     if not path.is_file():
@@ -282,17 +316,12 @@ def _read_manifest(cache_dir):
         )
     try:
         manifest = json.loads(path.read_text())
-        format_, version = manifest["format"], manifest["version"]
-        manifest["corpus"], manifest["vocab_size"], manifest["tokenizer"]["sha256"]
-        for entry in manifest["splits"].values():
-            entry["file"], entry["tokens"], entry["bytes"], entry["sha256"]
-    except (ValueError, KeyError, TypeError, AttributeError) as error:
-        raise ValueError(f"Token cache manifest {path} is not valid: {error!r}") from error
-    if (format_, version) != (FORMAT, VERSION):
-        raise ValueError(
-            f"Token cache manifest {path} has format={format_!r}, version={version}; "
-            f"this code reads format={FORMAT!r}, version={VERSION}."
-        )
+    except json.JSONDecodeError as error:
+        problem = f"not JSON ({error})"
+    else:
+        problem = _manifest_problem(manifest)
+    if problem:
+        raise ValueError(f"Token cache manifest {path} is not valid: {problem}.")
     return manifest
 
 
@@ -314,7 +343,8 @@ def load_lm_cache(cache_dir):
     cache_dir = pathlib.Path(cache_dir).expanduser()
     manifest = _read_manifest(cache_dir)
     entries = {SPM_MODEL: (manifest["tokenizer"], None)}
-    entries.update({entry["file"]: (entry, split) for split, entry in manifest["splits"].items()})
+    for split, entry in manifest["splits"].items():
+        entries[entry["file"]] = (entry, split)
     arrays = {}
     for file, (entry, split) in entries.items():
         path = cache_dir / file
@@ -323,10 +353,9 @@ def load_lm_cache(cache_dir):
                 f"Token cache in cache_dir={str(cache_dir)!r} is incomplete: {path} "
                 "is missing; export the cache again."
             )
-        if split is None:
-            _check_file(path, path.stat().st_size, entry["sha256"])
-            continue
         _check_file(path, entry["bytes"], entry["sha256"])
+        if split is None:
+            continue
         array = np.load(path, mmap_mode="r")
         if array.dtype != np.int32 or array.shape != (entry["tokens"],):
             raise ValueError(
@@ -402,13 +431,16 @@ class LmIterator(grain.DatasetIterator):
 def _check_positive(**values):
     for name, value in values.items():
         if not isinstance(value, (int, np.integer)) or value < 1:
-            raise ValueError(f"{name} must be an integer >= 1. Received: {name}={value!r}")
+            raise ValueError(
+                f"{name} must be an integer >= 1. Received: {name}={value!r}"
+            )
 
 
 def _check_split(cache, split):
     if split not in cache.splits:
         raise ValueError(
-            f"split must be one of {cache.splits} (the cache's splits). Received: split={split!r}"
+            f"split must be one of {cache.splits} (the cache's splits). "
+            f"Received: split={split!r}"
         )
 
 
@@ -447,13 +479,16 @@ def lm_loader(cache, split, seq_len, batch_size, *, shuffle=None, seed=0, repeat
     if shuffle is None:
         shuffle = split.startswith("train")
     source = LmWindows(cache.tokens(split), seq_len)
-    windows = len(source)
-    if windows == 0 or (not repeat and windows < batch_size):
+    if not len(source):
         raise ValueError(
-            f"Split {split!r} has {len(cache.tokens(split))} tokens: {windows} windows "
-            f"of seq_len + 1 = {seq_len + 1} tokens, fewer than batch_size={batch_size} "
-            f"(repeat={repeat}). Use a smaller seq_len or batch_size. Received: "
-            f"seq_len={seq_len}, batch_size={batch_size}"
+            f"seq_len is too large: split {split!r} has {len(cache.tokens(split))} "
+            f"tokens, fewer than one window of seq_len + 1. Received: seq_len={seq_len}"
+        )
+    if not repeat and len(source) < batch_size:
+        raise ValueError(
+            f"batch_size is larger than the {len(source)} windows of split {split!r} "
+            "(seq_len + 1 tokens each), so there is no batch; use a smaller "
+            f"batch_size or seq_len, or repeat=True. Received: batch_size={batch_size}"
         )
     dataset = grain.MapDataset.source(source)
     if shuffle:
@@ -478,10 +513,14 @@ def lm_loader(cache, split, seq_len, batch_size, *, shuffle=None, seed=0, repeat
 
 
 def _define_flags():
-    flags.DEFINE_string("corpus", None, "tfds name with a 'text' feature (tf_moe_lm_en, lm1b).")
+    flags.DEFINE_string(
+        "corpus", None, "tfds name with a 'text' feature (tf_moe_lm_en, lm1b)."
+    )
     flags.DEFINE_string("data_dir", None, "tfds data_dir (default: tfds's).")
     flags.DEFINE_string("out", None, "Cache folder to create (must not exist).")
-    flags.DEFINE_integer("vocab_size", None, "Vocabulary size of the dataset's tokenizer (default 8000).")
+    flags.DEFINE_integer(
+        "vocab_size", None, "Vocabulary size of the dataset's tokenizer (default 8000)."
+    )
     flags.DEFINE_list("splits", list(DEFAULT_SPLITS), "Splits to export.")
     flags.mark_flags_as_required(["corpus", "out"])
 
@@ -490,7 +529,11 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     manifest = export_lm_cache(
-        FLAGS.corpus, FLAGS.data_dir, FLAGS.out, vocab_size=FLAGS.vocab_size, splits=FLAGS.splits
+        FLAGS.corpus,
+        FLAGS.data_dir,
+        FLAGS.out,
+        vocab_size=FLAGS.vocab_size,
+        splits=FLAGS.splits,
     )
     print(json.dumps(manifest, indent=2))
 
