@@ -172,9 +172,9 @@ def export_lm_cache(
             f"Received: out_dir={str(out_dir)!r}"
         )
     if tokenizer is None:
-        tokenizer = tokenizer_lib.load_or_train(
-            name, data_dir, vocab_size or tokenizer_lib.DEFAULT_VOCAB_SIZE
-        )
+        if vocab_size is None:
+            vocab_size = tokenizer_lib.DEFAULT_VOCAB_SIZE
+        tokenizer = tokenizer_lib.load_or_train(name, data_dir, vocab_size)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     temp_dir = pathlib.Path(
         tempfile.mkdtemp(prefix=f".{out_dir.name}.incomplete-", dir=out_dir.parent)
