@@ -28,6 +28,8 @@ setup(
         "sacrebleu",
         # Trainer checkpoints (sharded, resharding on restore, atomic saves).
         "orbax-checkpoint",
+        # JAX-side LM loader of token caches (tf_moe.data.token_cache), no TensorFlow needed.
+        "grain>=0.2.18,<0.3",
     ],
     extras_require={
         "test": ["jax[cpu]"],
