@@ -45,5 +45,6 @@ def get_config():
         warmup_steps=100,
         log_every=20,
         jit_compile=True,
+        dtype_policy="float32",    # or mixed_bfloat16 / mixed_float16 (GPUs, TPUs)
     ))
     return config

@@ -66,6 +66,7 @@ def get_config():
         warmup_steps=200,
         log_every=20,
         jit_compile=config_dict.placeholder(bool),  # None: XLA except TF on CPU
+        dtype_policy="float32",    # or mixed_bfloat16 / mixed_float16 (GPUs, TPUs)
     ))
     config.eval = config_dict.ConfigDict(dict(
         # BLEU, task="translate" only.

@@ -146,6 +146,14 @@ class ConfigChecksTest(parameterized.TestCase):
         with self.assertRaisesRegex(ValueError, message):
             loop.check_data_config(config_dict.ConfigDict(data))
 
+    def test_dtype_policy(self):
+        with self.assertRaisesRegex(
+            loop.ConfigError, r"`train.dtype_policy` must be one of .*mixed_bfloat16.*"
+            r"Received: train.dtype_policy='bf16'"
+        ):
+            loop.set_dtype_policy(train_config(dtype_policy="bf16").train)
+        self.assertEqual(keras.config.dtype_policy().name, "float32")
+
     def test_workdir_and_corpus(self):
         with self.assertRaisesRegex(ValueError, "`--workdir` must name a folder.*''"):
             loop.check_workdir("")

@@ -58,6 +58,39 @@ class LstmMoeConfigsTest(parameterized.TestCase):
                                       logits[:, :8])
         np.testing.assert_array_equal(np.asarray(model(mates, training=False))[0], logits[0])
 
+    @parameterized.parameters("mixed_bfloat16", "mixed_float16")
+    def test_mixed_precision_keeps_lstms_and_softmax_in_float32(self, policy):
+        """Under a mixed policy (train.dtype_policy) the LSTMs and the softmax
+        compute in float32 (cuDNN's RNN on JAX GPUs rejects bfloat16), the
+        rest in the reduced dtype; the model trains with finite losses."""
+        import keras
+
+        config = lstm_moe_tiny.get_config()
+        config.train.dtype_policy = policy
+        m = config.model
+        m.dim, m.expert_hidden_dim, m.group_size = 16, 16, 64
+        keras.utils.set_random_seed(0)
+        try:
+            loop.set_dtype_policy(config.train)
+            model = build_lstm_moe(50, 12, m)
+            model.compile(keras.optimizers.Adam(1e-2),
+                          keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                          jit_compile=True)
+            tokens = np.random.default_rng(0).integers(1, 50, (8, 13)).astype("int32")
+            history = model.fit(tokens[:, :-1], tokens[:, 1:], batch_size=4, epochs=3,
+                                verbose=0)
+        finally:
+            keras.config.set_dtype_policy("float32")
+        reduced = policy.removeprefix("mixed_")
+        for name in ("lstm_1", "lstm_2", "softmax"):
+            self.assertEqual(model.get_layer(name).compute_dtype, "float32", name)
+        self.assertEqual(model.get_layer("moe").compute_dtype, reduced)
+        self.assertEqual(model.get_layer("embedding").compute_dtype, reduced)
+        self.assertEqual(keras.backend.standardize_dtype(model(tokens[:2, :-1]).dtype), "float32")
+        losses = history.history["loss"]
+        self.assertTrue(np.isfinite(losses).all(), losses)
+        self.assertLess(losses[-1], losses[0])
+
     def test_flat_family_has_fixed_active_expert_parameters(self):
         active = set()
         for e in lstm_moe_flat.NUM_EXPERTS:

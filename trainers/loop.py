@@ -191,6 +191,24 @@ def parameter_counts(model):
     return summary["total"], summary["active"]
 
 
+# `train.dtype_policy` values: Keras's dtype policies for training.
+DTYPE_POLICIES = ("float32", "mixed_bfloat16", "mixed_float16")
+
+
+def set_dtype_policy(train):
+    """Sets Keras's global dtype policy from `train.dtype_policy` (default
+    float32) before the model is built. Under a mixed policy the models keep
+    their recurrent layers and softmax in float32; `model.compile` adds loss
+    scaling for mixed_float16."""
+    name = train.get("dtype_policy", "float32")
+    if name not in DTYPE_POLICIES:
+        raise ConfigError(
+            f"`train.dtype_policy` must be one of {DTYPE_POLICIES}. "
+            f"Received: train.dtype_policy={name!r}"
+        )
+    keras.config.set_dtype_policy(name)
+
+
 def check_train_config(train):
     """Raises ValueError naming the first invalid `train.*` field."""
     for name in ("steps", "checkpoint_every", "batch_size", "keep_checkpoints", "log_every"):

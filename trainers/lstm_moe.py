@@ -88,6 +88,7 @@ def main(argv):
         loop.check_train_config(config.train)
         loop.check_data_config(config.data)
         check_model_config(config.model)
+        loop.set_dtype_policy(config.train)
         scope, where = distribution.setup(config)
     keras.utils.set_random_seed(config.seed)
     tokenizer, make_train, validation, test = make_datasets(config)

@@ -228,6 +228,7 @@ def main(argv):
     with loop.config_errors():
         loop.check_workdir(_WORKDIR.value)
         check_config(config)
+        loop.set_dtype_policy(config.train)
         scope, where = distribution.setup(config)
     keras.utils.set_random_seed(config.seed)
     tokenizer, make_train, validation, test, split_fn = make_datasets(config)

@@ -4,6 +4,7 @@ embedding -> LSTM -> MoE -> LSTM -> softmax, every width d. For every layer but
 the softmax, dropout is applied to the layer output and the layer input is
 added back (residual). The MoE output passes through a sigmoid before dropout.
 The MoE is flat (noisy top-k over E experts) or hierarchical (appendix B).
+Under a mixed-precision policy the LSTMs compute in float32 (`_lstm`).
 
 Shape letters: B batch, L length, d model dim, V vocabulary.
 """
@@ -52,6 +53,22 @@ def moe_layer_from_config(model, name="moe"):
     return MoE(num_experts=model.num_experts, router=router, **common)
 
 
+def _lstm(units, name):
+    """An LSTM that computes in float32 under a mixed-precision policy (its
+    inputs are cast to float32, its outputs back by the next layer), while
+    the embedding, MoE and softmax compute in the policy's dtype: cuDNN's RNN
+    lowering on JAX GPUs rejects bfloat16 ("Unknown output type bfloat16",
+    H200, jaxlib 0.11.2), and a recurrence over L steps is where reduced
+    precision costs most."""
+    return keras.layers.LSTM(units, return_sequences=True, dtype=_float32_if_mixed(), name=name)
+
+
+def _float32_if_mixed():
+    """"float32" under a mixed-precision global policy, else None (the policy)."""
+    policy = keras.config.dtype_policy()
+    return "float32" if policy.compute_dtype != policy.variable_dtype else None
+
+
 def build_lstm_moe(vocab_size, sequence_length, model):
     """Builds the (uncompiled) LSTM-MoE language model.
 
@@ -73,13 +90,15 @@ def build_lstm_moe(vocab_size, sequence_length, model):
         y = keras.layers.Dropout(model.dropout, name=f"{name}_dropout")(layer(x))
         return keras.layers.Add(name=f"{name}_residual")([x, y]) if model.residual else y
 
-    x = sublayer(keras.layers.LSTM(model.dim, return_sequences=True, name="lstm_1"), x, "lstm_1")
+    x = sublayer(_lstm(model.dim, "lstm_1"), x, "lstm_1")
     moe = moe_layer_from_config(model)
     if model.moe_sigmoid:
         moe_block = lambda h: keras.layers.Activation("sigmoid", name="moe_sigmoid")(moe(h))
     else:
         moe_block = moe
     x = sublayer(moe_block, x, "moe")
-    x = sublayer(keras.layers.LSTM(model.dim, return_sequences=True, name="lstm_2"), x, "lstm_2")
-    logits = keras.layers.Dense(vocab_size, name="softmax")(x)  # [B, L, V]
+    x = sublayer(_lstm(model.dim, "lstm_2"), x, "lstm_2")
+    # float32 logits under a mixed policy: the loss and perplexity over V
+    # classes in bfloat16 would round away most of the differences.
+    logits = keras.layers.Dense(vocab_size, dtype=_float32_if_mixed(), name="softmax")(x)  # [B, L, V]
     return keras.Model(tokens, logits, name="lstm_moe")
