@@ -267,11 +267,15 @@ def corpus_builder(name, data_dir):
 
 def evaluate(model, dataset):
     """`model.evaluate` of every batch of `dataset` as a dict (with the
-    routing statistics of its last batch), the number of steps given: Keras 3.15 on TensorFlow without XLA returns a
-    wrong mean (5/6 of the loss, measured) for a dataset of unknown
-    cardinality evaluated without `steps`."""
+    routing statistics of its last batch), the number of steps given: Keras
+    3.15 on TensorFlow without XLA returns a wrong mean (5/6 of the loss,
+    measured) for a dataset of unknown cardinality evaluated without `steps`."""
     steps = int(dataset.cardinality())
-    if steps < 0:  # unknown or infinite: count (evaluation sets are small)
+    if steps < 0:
+        # Unknown: count the batches once, cached so that evaluation reads
+        # them from memory instead of running the pipeline (tokenization)
+        # again. Evaluation sets are small.
+        dataset = dataset.cache()
         steps = int(dataset.reduce(0, lambda count, _: count + 1))
     logger = tf_moe.metrics.RoutingStatsLogger()
     logs = model.evaluate(dataset, steps=steps, return_dict=True, verbose=0,

@@ -32,6 +32,7 @@ C capacity, k choices per token.
 """
 
 import functools
+import math
 
 import keras
 
@@ -170,11 +171,7 @@ def jax_ffi_call(target, results, *args, **attributes):
 
     empty = False
     for result in results if isinstance(results, (tuple, list)) else (results,):
-        size = 1
-        for dim in result.shape:
-            size *= dim
-            if dim < 0 or size > _INT64_MAX:
-                break
+        size = math.prod(result.shape)  # a Python int: no overflow here
         itemsize = np.dtype(result.dtype).itemsize
         if min(result.shape, default=0) < 0 or size * itemsize > _INT64_MAX:
             raise ValueError(
