@@ -13,9 +13,13 @@ def get_config():
     config.data = config_dict.ConfigDict(dict(
         corpus="tf_moe_lm_en",     # or "lm1b" when a data_dir holds it
         data_dir=config_dict.placeholder(str),  # default: ~/tensorflow_datasets
+        source="tfds",             # or "token_cache": read token_cache_dir (no TF)
+        token_cache_dir=config_dict.placeholder(str),
         vocab_size=8000,
         sequence_length=64,
         eval_batches=50,           # validation/test batches for perplexity (0: all)
+        eval_batch_size=config_dict.placeholder(int),  # sequences per evaluation
+                                   # batch (None: train.batch_size)
     ))
     config.model = config_dict.ConfigDict(dict(
         dim=128,
@@ -34,6 +38,8 @@ def get_config():
         importance_loss_weight=0.1,
         load_loss_weight=0.1,
         dispatch="auto",
+        dense_ffn_hidden_dim=config_dict.placeholder(int),  # int: a dense FFN
+                                   # instead of the MoE (the dense baseline)
     ))
     config.train = config_dict.ConfigDict(dict(
         batch_size=32,

@@ -20,12 +20,16 @@ def get_config():
                                    # (tf_moe_translate_en_de / tf_moe_lm_en); or a tfds
                                    # name, e.g. "wmt14_translate/de-en", "lm1b"
         data_dir=config_dict.placeholder(str),  # default: ~/tensorflow_datasets
+        source="tfds",             # "lm" also "token_cache": read token_cache_dir (no TF)
+        token_cache_dir=config_dict.placeholder(str),
         vocab_size=8000,
         sequence_length=64,        # tokens per side (source and target), padded;
                                    # for "lm", tokens per example
         source_language="en",      # translate only
         target_language="de",      # translate only
         eval_batches=20,           # validation/test batches for perplexity (0: all)
+        eval_batch_size=config_dict.placeholder(int),  # sequences per evaluation
+                                   # batch (None: train.batch_size)
     ))
     config.model = config_dict.ConfigDict(dict(
         dim=128,

@@ -139,6 +139,7 @@ class ConfigChecksTest(parameterized.TestCase):
         dict(field="sequence_length", value=0, message="`data.sequence_length`"),
         dict(field="eval_batches", value=-1, message="`data.eval_batches`"),
         dict(field="vocab_size", value=0, message="`data.vocab_size`"),
+        dict(field="eval_batch_size", value=0, message="`data.eval_batch_size`"),
     )
     def test_data_fields(self, field, value, message):
         data = dict(sequence_length=8, eval_batches=2, vocab_size=100, data_dir=None)
@@ -164,7 +165,7 @@ class ConfigChecksTest(parameterized.TestCase):
         # A tfds corpus that is registered but not prepared in data.data_dir
         # (tfds itself fails later with an AssertionError naming neither).
         from configs import lstm_moe_tiny
-        from trainers import lstm_moe
+        from trainers import lm_data
 
         config = lstm_moe_tiny.get_config()
         config.data.corpus, config.data.data_dir = "mnist", self.create_tempdir().full_path
@@ -172,7 +173,30 @@ class ConfigChecksTest(parameterized.TestCase):
             loop.ConfigError, r"`data.corpus` 'mnist' is not prepared in `data.data_dir`.*"
             r"Received: data.data_dir="
         ):
-            lstm_moe.make_datasets(config)
+            lm_data.make(config, config.data.corpus, build_data=True)
+
+    def test_data_source_fields(self):
+        from configs import lstm_moe_tiny
+        from trainers import lm_data
+
+        config = lstm_moe_tiny.get_config()
+        config.data.source = "npy"
+        with self.assertRaisesRegex(
+            ValueError, r"`data.source` must be one of \('tfds', 'token_cache'\)\. "
+            r"Received: data.source='npy'"
+        ):
+            lm_data.check_source(config.data)
+        config.data.source = "token_cache"
+        with self.assertRaisesRegex(
+            ValueError, r"`data.token_cache_dir` must name a token cache folder.*"
+            r"Received: data.token_cache_dir=None"
+        ):
+            lm_data.check_source(config.data)
+        config.data.token_cache_dir = self.create_tempdir().full_path  # no cache in it
+        with self.assertRaisesRegex(
+            loop.ConfigError, r"`data.token_cache_dir`: No token cache in cache_dir="
+        ):
+            lm_data.make(config, config.data.corpus, build_data=False)
 
 
 class ModelConfigChecksTest(parameterized.TestCase):

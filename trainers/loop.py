@@ -6,6 +6,8 @@ Workdir layout:
     <workdir>/checkpoints/       ckpt-<step>/ (see trainers/checkpoint.py)
     <workdir>/tensorboard/       scalars (loss, perplexity, aux losses, routing
                                  stats, tokens/s) and the expert-load heatmap
+    <workdir>/metrics.csv        the same scalars per epoch, where TensorFlow
+                                 is not installed (no TensorBoard)
     <workdir>/summary.json       final metrics
 """
 
@@ -232,10 +234,20 @@ def check_data_config(data):
     check_positive_int("data.sequence_length", data.sequence_length, minimum=2)
     check_positive_int("data.vocab_size", data.vocab_size, minimum=8)
     check_positive_int("data.eval_batches", data.eval_batches, minimum=0)
+    if data.get("eval_batch_size") is not None:
+        check_positive_int("data.eval_batch_size", data.eval_batch_size)
     if data.data_dir is not None and not isinstance(data.data_dir, str):
         raise ValueError(
             f"`data.data_dir` must be a folder path or None. Received: data.data_dir={data.data_dir!r}"
         )
+
+
+def eval_batch_size(config):
+    """Sequences per evaluation batch: `data.eval_batch_size`, or
+    `train.batch_size` when unset. Evaluation routes dropless, so the batch
+    size changes memory, never the result."""
+    size = config.data.get("eval_batch_size")
+    return config.train.batch_size if size is None else size
 
 
 def check_workdir(workdir):
@@ -266,10 +278,16 @@ def corpus_builder(name, data_dir):
 
 
 def evaluate(model, dataset):
-    """`model.evaluate` of every batch of `dataset` as a dict (with the
-    routing statistics of its last batch), the number of steps given: Keras
-    3.15 on TensorFlow without XLA returns a wrong mean (5/6 of the loss,
+    """`model.evaluate` of every batch of `dataset` (a `tf.data.Dataset`, or
+    a list of NumPy (inputs, targets) pairs) as a dict, with the routing
+    statistics of its last batch. The number of steps is given: Keras 3.15
+    on TensorFlow without XLA returns a wrong mean (5/6 of the loss,
     measured) for a dataset of unknown cardinality evaluated without `steps`."""
+    logger = tf_moe.metrics.RoutingStatsLogger()
+    if isinstance(dataset, (list, tuple)):
+        logs = model.evaluate((batch for batch in dataset), steps=len(dataset),
+                              return_dict=True, verbose=0, callbacks=[logger])
+        return {**logs, **logger.test_stats}
     steps = int(dataset.cardinality())
     if steps < 0:
         # Unknown: count the batches once, cached so that evaluation reads
@@ -277,7 +295,6 @@ def evaluate(model, dataset):
         # again. Evaluation sets are small.
         dataset = dataset.cache()
         steps = int(dataset.reduce(0, lambda count, _: count + 1))
-    logger = tf_moe.metrics.RoutingStatsLogger()
     logs = model.evaluate(dataset, steps=steps, return_dict=True, verbose=0,
                           callbacks=[logger])
     return {**logs, **logger.test_stats}
@@ -304,14 +321,28 @@ class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or inf."""
 
 
+# Per-epoch scalars where TensorFlow (and so TensorBoard) is not installed.
+METRICS_CSV = "metrics.csv"
+
+
+def tensorflow_installed():
+    """Whether TensorFlow imports (it is optional on the JAX backend)."""
+    try:
+        import tensorflow  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+    except ImportError:
+        return False
+    return True
+
+
 def fit(model, make_train_data, config, workdir, tokens_per_step, validation_data=None,
         verbose="auto"):
     """Trains `model` to `config.train.steps`, resuming from `workdir`.
 
     Args:
         model: a compiled Keras model.
-        make_train_data: fn(start_step) -> infinite dataset positioned at
-            `start_step` batches (deterministic for a fixed seed).
+        make_train_data: fn(start_step) -> infinite dataset (or generator)
+            positioned at `start_step` batches (deterministic for a fixed
+            seed).
         config: the run's ConfigDict (uses `config.train`).
         workdir: str.
         tokens_per_step: int, for tokens/s.
@@ -343,11 +374,17 @@ def fit(model, make_train_data, config, workdir, tokens_per_step, validation_dat
     tb_dir = os.path.join(workdir, "tensorboard")
     callbacks = [StopOnNonFiniteLoss(), throughput, tf_moe.metrics.RoutingStatsLogger(),
                  Checkpointing(manager)]
-    if is_chief():  # one writer of the run's TensorBoard files
+    if is_chief() and tensorflow_installed():  # one writer of the run's logs
         callbacks += [
             ExpertLoadHeatmap(tb_dir),
             keras.callbacks.TensorBoard(tb_dir, update_freq=train.get("log_every", 50)),
         ]
+    elif is_chief():
+        # Keras's TensorBoard callback writes through tf.summary; without
+        # TensorFlow the scalars of every epoch go to a CSV file instead.
+        print(f"TensorFlow is not installed: logging to {os.path.join(workdir, METRICS_CSV)}"
+              " instead of TensorBoard", flush=True)
+        callbacks.append(keras.callbacks.CSVLogger(os.path.join(workdir, METRICS_CSV), append=True))
     history = {}
     if start < train.steps:
         result = model.fit(
@@ -369,6 +406,16 @@ def fit(model, make_train_data, config, workdir, tokens_per_step, validation_dat
     }
 
 
+def routing_logs(logs):
+    """The `<layer>/<stat>` entries of `evaluate` logs or of a fit history
+    (its last epoch), without the validation ones."""
+    return {
+        key: value[-1] if isinstance(value, list) else value
+        for key, value in logs.items()
+        if "/" in key and not key.startswith("val_")
+    }
+
+
 def write_summary(workdir, summary):
     """Prints `summary` as a table and writes it to <workdir>/summary.json
     (the chief process)."""
@@ -378,7 +425,9 @@ def write_summary(workdir, summary):
     width = max(len(k) for k in summary)
     print("\n== summary ==")
     for key, value in summary.items():
-        if isinstance(value, float):
+        if isinstance(value, dict):
+            value = ", ".join(f"{k}={v:.4g}" for k, v in value.items()) or "-"
+        elif isinstance(value, float):
             value = f"{value:.4g}" if math.isfinite(value) else str(value)
         print(f"{key:<{width}}  {value}")
 

@@ -18,22 +18,22 @@ import time
 
 import keras
 import numpy as np
-import sacrebleu
-import tensorflow_datasets as tfds
 from absl import app, flags
 from keras import ops
 from ml_collections import config_flags
 
-from tf_moe import data as data_lib
-from tf_moe.data import pipeline
-from tf_moe.data import tokenizer as tokenizer_lib
 from tf_moe.models import build_decoder_lm, build_encoder_decoder, decoding
 from tf_moe.models.transformer_moe import check_model_config
-from trainers import distribution, loop
+from trainers import distribution, lm_data, loop
+
+# TensorFlow, tfds and sacrebleu are imported where translation needs them:
+# `task=lm` with `data.source=token_cache` runs without them.
 
 TASKS = ("lm", "translate")
-# The built-in corpus of each task (built on first use unless --nobuild_data).
-BUILT_IN_CORPORA = {"lm": data_lib.TfMoeLmEn.name, "translate": data_lib.TfMoeTranslateEnDe.name}
+# The built-in corpus of each task (built on first use unless --nobuild_data):
+# the names of tf_moe.data.TfMoeLmEn / TfMoeTranslateEnDe (tests check it),
+# spelled out so that this module imports without TensorFlow.
+BUILT_IN_CORPORA = {"lm": "tf_moe_lm_en", "translate": "tf_moe_translate_en_de"}
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", "configs/transformer_moe_tiny_translate.py", "Path to a config file (configs/*.py)."
@@ -56,6 +56,12 @@ def check_config(config):
         raise ValueError(f"`config.task` must be one of {TASKS}. Received: config.task={config.task!r}")
     loop.check_train_config(config.train)
     loop.check_data_config(config.data)
+    lm_data.check_source(config.data)
+    if config.task == "translate" and config.data.get("source", "tfds") != "tfds":
+        raise ValueError(
+            "`data.source` must be 'tfds' for config.task='translate' (token caches "
+            f"hold language-modelling text). Received: data.source={config.data.source!r}"
+        )
     check_model_config(config.model)
     _check_int("eval.beam_size", config.eval.beam_size, 1)
     _check_int("eval.bleu_examples", config.eval.bleu_examples, 0)
@@ -72,6 +78,8 @@ def corpus_name(config):
 
 
 def _check_corpus_matches_task(config):
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
     features = loop.corpus_builder(corpus_name(config), config.data.data_dir).info.features
     is_translation = isinstance(features, tfds.features.Translation)
     if is_translation != (config.task == "translate"):
@@ -83,9 +91,15 @@ def _check_corpus_matches_task(config):
 
 
 def make_datasets(config):
-    """(tokenizer, make_train(start_step), validation, test, split_fn)."""
+    """`lm_data.LmData` of the run, and split_fn(name, **kwargs) -> a
+    `tf.data` split (translation's BLEU reads it; None for "lm")."""
     d = config.data
     corpus = corpus_name(config)
+    if config.task == "lm" and d.get("source", "tfds") == "token_cache":
+        return lm_data.make(config, corpus, _BUILD_DATA.value), None
+    # pylint: disable=g-import-not-at-top
+    from tf_moe.data import pipeline
+    from tf_moe.data import tokenizer as tokenizer_lib
     if _BUILD_DATA.value and corpus in BUILT_IN_CORPORA.values():
         # Fetches and prepares the built-in corpus once; a no-op afterwards.
         loop.corpus_builder(corpus, d.data_dir).download_and_prepare()
@@ -111,10 +125,18 @@ def make_datasets(config):
         return split("train", repeat=True, shuffle=True).skip(start_step)
 
     def evaluation(name):
-        ds = split(name, shuffle=False)
+        ds = split(name, batch_size=loop.eval_batch_size(config), shuffle=False)
         return ds.take(d.eval_batches) if d.eval_batches else ds
 
-    return tokenizer, make_train, evaluation("validation"), evaluation("test"), split
+    data = lm_data.LmData(
+        vocab_size=tokenizer.vocab_size,
+        make_train=make_train,
+        validation=evaluation("validation"),
+        test=evaluation("test"),
+        train_target_counts=None,  # no unigram baseline in this trainer
+        tokenizer=tokenizer,
+    )
+    return data, split
 
 
 def resolve_jit_compile(jit_compile):
@@ -138,6 +160,8 @@ def build_model(config, vocab_size):
         loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
         perplexity = loop.Perplexity()
     else:
+        from tf_moe.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+
         model = build_encoder_decoder(
             vocab_size, config.data.sequence_length, config.model, pad_id=tokenizer_lib.PAD_ID
         )
@@ -185,6 +209,8 @@ class Translator:
             states = self.decoder_states.predict_on_batch([memory, source, prefix])  # [N, L, d]
             return self.logits(states[:, t])  # [N, V]
 
+        from tf_moe.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+
         ids = dict(bos_id=tokenizer_lib.BOS_ID, eos_id=tokenizer_lib.EOS_ID, pad_id=tokenizer_lib.PAD_ID)
         if beam_size == 1:
             tokens = decoding.greedy_search(logits_fn, batch, length, **ids)
@@ -201,6 +227,10 @@ def bleu(translator, config, tokenizer, split_fn, split, beam_size):
     Batches have a fixed size (the last is padded with empty sources), so the
     decoder compiles once per beam size.
     """
+    # pylint: disable-next=g-import-not-at-top
+    import sacrebleu
+    import tensorflow_datasets as tfds
+
     e, d = config.eval, config.data
     raw = tfds.load(corpus_name(config), split=split, data_dir=d.data_dir, shuffle_files=False)
     limit = e.bleu_examples or None
@@ -231,12 +261,13 @@ def main(argv):
         loop.set_dtype_policy(config.train)
         scope, where = distribution.setup(config)
     keras.utils.set_random_seed(config.seed)
-    tokenizer, make_train, validation, test, split_fn = make_datasets(config)
+    data, split_fn = make_datasets(config)
+    tokenizer = data.tokenizer
     with scope, loop.config_errors():  # the layers check the model fields
-        model = build_model(config, tokenizer.vocab_size)
+        model = build_model(config, data.vocab_size)
     # LM: every position is a token; translate: padded target positions.
     tokens_per_step = config.train.batch_size * config.data.sequence_length
-    result = loop.fit(model, make_train, config, _WORKDIR.value, tokens_per_step)
+    result = loop.fit(model, data.make_train, config, _WORKDIR.value, tokens_per_step)
     total, active = loop.parameter_counts(model)
     summary = {
         "backend": keras.backend.backend(),
@@ -245,8 +276,9 @@ def main(argv):
         "corpus": corpus_name(config),
         "steps": result["final_step"],
         "resumed_from_step": result["start_step"],
-        "validation_perplexity": loop.evaluate(model, validation)["perplexity"],
-        "test_perplexity": loop.evaluate(model, test)["perplexity"],
+        "data_source": config.data.get("source", "tfds"),
+        "validation_perplexity": loop.evaluate(model, data.validation)["perplexity"],
+        "test_perplexity": loop.evaluate(model, data.test)["perplexity"],
     }
     if config.task == "translate":
         start = time.perf_counter()

@@ -444,14 +444,18 @@ def _check_split(cache, split):
         )
 
 
-def lm_loader(cache, split, seq_len, batch_size, *, shuffle=None, seed=0, repeat=False):
+def lm_loader(
+    cache, split, seq_len, batch_size, *, shuffle=None, seed=0, repeat=False, start=0
+):
     """Grain batches of (inputs, targets) token windows, as `lm_dataset`.
 
     Windows as `LmWindows`; batches of `batch_size`, the incomplete last one
     dropped. Shuffled: `ds.seed(seed).shuffle()`, a global shuffle with a new
     order every epoch. With `repeat`, batches run on across epochs forever.
-    Reads in the calling thread (the streams are memory-mapped; threads
-    would only contend for the GIL).
+    `start` skips that many batches by random access (O(1), not by reading
+    them): a trainer resuming at step s asks for `start=s`. Reads in the
+    calling thread (the streams are memory-mapped; threads would only
+    contend for the GIL).
 
     Args:
         cache: an `LmCache` (`load_lm_cache`).
@@ -461,6 +465,7 @@ def lm_loader(cache, split, seq_len, batch_size, *, shuffle=None, seed=0, repeat
         shuffle: shuffle windows; default True for "train" splits.
         seed: shuffling seed, an integer >= 0.
         repeat: repeat forever.
+        start: index of the first batch to yield, an integer >= 0.
 
     Returns:
         `LmIterator` of (inputs <int32>[B, L], targets <int32>[B, L]) NumPy
@@ -470,12 +475,15 @@ def lm_loader(cache, split, seq_len, batch_size, *, shuffle=None, seed=0, repeat
     Raises:
         ValueError: an unknown `split`; `seq_len`, `batch_size` < 1; `seed`
             < 0; a split with no window of `seq_len + 1` tokens, or (without
-            `repeat`) fewer windows than `batch_size`.
+            `repeat`) fewer windows than `batch_size`; `start` < 0, or
+            (without `repeat`) beyond the last batch.
     """
     _check_split(cache, split)
     _check_positive(seq_len=seq_len, batch_size=batch_size)
     if not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed must be an integer >= 0. Received: seed={seed!r}")
+    if isinstance(start, bool) or not isinstance(start, (int, np.integer)) or start < 0:
+        raise ValueError(f"start must be an integer >= 0. Received: start={start!r}")
     if shuffle is None:
         shuffle = split.startswith("train")
     source = LmWindows(cache.tokens(split), seq_len)
@@ -498,6 +506,13 @@ def lm_loader(cache, split, seq_len, batch_size, *, shuffle=None, seed=0, repeat
     if repeat:
         dataset = dataset.repeat()
     dataset = dataset.batch(batch_size, drop_remainder=True)
+    if not repeat and start > len(dataset):
+        raise ValueError(
+            f"start is beyond the {len(dataset)} batches of split {split!r}. "
+            f"Received: start={start}"
+        )
+    if start:
+        dataset = dataset[start:]  # a slice of the MapDataset: random access
     read_options = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
     settings = {
         "corpus": cache.corpus,
@@ -508,6 +523,7 @@ def lm_loader(cache, split, seq_len, batch_size, *, shuffle=None, seed=0, repeat
         "shuffle": bool(shuffle),
         "seed": int(seed),
         "repeat": bool(repeat),
+        "start": int(start),
     }
     return LmIterator(iter(dataset.to_iter_dataset(read_options)), settings)
 
