@@ -1,10 +1,13 @@
 """Every LSTM-MoE config loads, passes the trainer's checks, and builds its
 model (at reduced width, so the test stays small)."""
 
+import copy
+
 import numpy as np
 from absl.testing import absltest, parameterized
 
-from configs import lstm_moe_1b_word, lstm_moe_flat, lstm_moe_tiny
+from configs import lstm_moe_1b_word, lstm_moe_flat, lstm_moe_sweep, lstm_moe_tiny
+from experiments import lstm_moe_sweep as sweep_script
 from tf_moe.models import build_lstm_moe
 from trainers import loop
 
@@ -14,6 +17,8 @@ CONFIGS += [
     (f"1b_word_{size}", lstm_moe_1b_word.get_config(size))
     for size in list(lstm_moe_1b_word.FLAT) + list(lstm_moe_1b_word.HIERARCHICAL)
 ]
+
+SWEEP = [(f"sweep_{name}", lstm_moe_sweep.get_config(name)) for name in lstm_moe_sweep.NAMES]
 
 
 class LstmMoeConfigsTest(parameterized.TestCase):
@@ -36,6 +41,61 @@ class LstmMoeConfigsTest(parameterized.TestCase):
         self.assertAlmostEqual(moe.active_expert_fraction, expected_fraction)
         logits = model(np.zeros((2, 6), "int32"))
         self.assertEqual(tuple(logits.shape), (2, 6, 50))
+
+    @parameterized.named_parameters(SWEEP)
+    def test_sweep_config_builds_and_counts_its_ops(self, config):
+        """The FFN block's ops per timestep counted by
+        experiments/lstm_moe_sweep.py equal the built model's (the dense
+        FFN's kernels, or k experts' plus the gates'), checked on the
+        sweep's models at 1/16 width (the count is width-generic; the full
+        MoE-1024-h alone holds 1.1B parameters); at full width every model
+        runs about the dense baseline's ops."""
+        loop.check_train_config(config.train)
+        loop.check_data_config(config.data)
+        self.assertEqual(config.data.source, "token_cache")
+        dense = sweep_script.ops_per_timestep(lstm_moe_sweep.get_config("dense"))
+        ratio = sweep_script.ops_per_timestep(config) / dense
+        if config.model.get("dense_ffn_hidden_dim") == 16384:
+            self.assertAlmostEqual(ratio, 2.5)  # the wide baseline: 4x the FFN's ops
+        else:
+            self.assertBetween(ratio, 1.0, 1.07)  # the gates add at most 7%
+
+        m = copy.deepcopy(config.model)
+        m.dim //= 16
+        m.expert_hidden_dim //= 16
+        if m.get("dense_ffn_hidden_dim") is not None:
+            m.dense_ffn_hidden_dim //= 16
+        model = build_lstm_moe(64, 4, m)
+        if m.get("dense_ffn_hidden_dim") is not None:
+            kernels = [w for w in model.get_layer("dense_ffn").weights if len(w.shape) == 2]
+            expected = sum(int(np.prod(w.shape)) for w in kernels)
+            self.assertEqual(expected, 2 * m.dim * m.dense_ffn_hidden_dim)
+        else:
+            weights = {w.path: tuple(w.shape) for w in model.get_layer("moe").weights}
+            wi, wo = weights["moe/experts/wi"], weights["moe/experts/wo"]
+            per_expert = int(np.prod(wi[1:]) + np.prod(wo[1:]))  # [E, d, h], [E, h, d]
+            self.assertEqual(per_expert, 2 * m.dim * m.expert_hidden_dim)
+            if m.hierarchical:
+                self.assertEqual(wi[0], m.num_groups * m.experts_per_group)
+                # Each token runs the primary gate ([d, G]) and, for each of
+                # its primary_k groups, one group's secondary gate ([G, d, n]).
+                gate_macs = 0
+                for name in ("kernel", "noise_kernel"):
+                    gate_macs += int(np.prod(weights[f"moe/primary_router/{name}"]))
+                    secondary = weights[f"moe/secondary_router/{name}"]
+                    gate_macs += m.primary_k * int(np.prod(secondary[1:]))
+                active = m.primary_k * m.secondary_k
+            else:
+                self.assertEqual(wi[0], m.num_experts)
+                gate_macs = sum(int(np.prod(weights[f"moe/router/{name}"]))
+                                for name in ("kernel", "noise_kernel"))
+                active = m.k
+            expected = active * per_expert + gate_macs
+        self.assertEqual(sweep_script.ffn_block_macs(m), expected)
+
+    def test_sweep_rejects_an_unknown_name(self):
+        with self.assertRaisesRegex(ValueError, r"name in \('dense'.*Received: name='moe8'"):
+            lstm_moe_sweep.get_config("moe8")
 
     @parameterized.named_parameters(CONFIGS[:1] + CONFIGS[-1:])
     def test_evaluation_is_causal_and_per_sequence(self, config):

@@ -828,7 +828,7 @@ class MoELossesAndStatsTest(parameterized.TestCase):
             callbacks=[tf_moe.metrics.RoutingStatsLogger()],
         )
         logs = history.history
-        for name in ("dropped_fraction", "router_entropy", "max_load",
+        for name in ("dropped_fraction", "router_entropy", "max_load", "load_cv",
                      "unrouted_fraction", "balance_loss", "z_loss"):
             self.assertIn(f"moe_a/{name}", logs)
             self.assertLen(logs[f"moe_a/{name}"], 2)
@@ -840,6 +840,8 @@ class MoELossesAndStatsTest(parameterized.TestCase):
         for name in ("dropped_fraction", "router_entropy", "balance_loss", "z_loss"):
             self.assertAlmostEqual(logs[f"moe_a/{name}"][-1], float(stats[name]), 5)
         self.assertBetween(logs["moe_a/max_load"][-1], 1.0, E)
+        load = np.asarray(stats["expert_load"], np.float64)
+        self.assertAlmostEqual(logs["moe_a/load_cv"][-1], load.std() / load.mean(), 5)
         self.assertBetween(logs["moe_a/router_entropy"][-1], 0.0, math.log(E))
         self.assertGreater(logs["moe_a/dropped_fraction"][-1], 0.0)
         self.assertGreater(logs["moe_a/balance_loss"][-1], 0.0)

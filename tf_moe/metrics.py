@@ -74,7 +74,8 @@ class RoutingStatsLogger(keras.callbacks.Callback):
     run as `val_<layer>/<stat>`; after `evaluate(..., callbacks=[logger])`,
     `logger.test_stats` holds the last evaluation batch's. The per-expert load vector is
     summarized by `<layer>/max_load`, the largest expert's share times E (1.0
-    is perfect balance).
+    is perfect balance), and `<layer>/load_cv`, its coefficient of variation
+    (std / mean; 0 is perfect balance, the paper's CV(Load)).
 
     Args:
         layers: names of the MoE layers to report, or None for all.
@@ -92,6 +93,8 @@ class RoutingStatsLogger(keras.callbacks.Callback):
             for name, value in layer.last_routing_stats.items():
                 if name == "expert_load":
                     logs[f"{layer.name}/max_load"] = float(value.max() * value.size)
+                    # Coefficient of variation of the load (0 is balanced).
+                    logs[f"{layer.name}/load_cv"] = float(value.std() / max(value.mean(), 1e-12))
                 else:
                     logs[f"{layer.name}/{name}"] = float(value)
         return logs

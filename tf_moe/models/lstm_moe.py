@@ -22,6 +22,8 @@ def check_model_config(model):
     for field in ("dim", "expert_hidden_dim", "group_size"):
         check_positive_int(f"model.{field}", model[field])
     check_fraction("model.dropout", model.dropout)
+    if model.get("dense_ffn_hidden_dim") is not None:
+        check_positive_int("model.dense_ffn_hidden_dim", model.dense_ffn_hidden_dim)
 
 
 def moe_layer_from_config(model, name="moe"):
@@ -76,7 +78,9 @@ def build_lstm_moe(vocab_size, sequence_length, model):
         vocab_size: int, V.
         sequence_length: int, L (static, so routing groups are static).
         model: ConfigDict with d (`dim`), `dropout`, `residual`,
-            `moe_sigmoid`, and the MoE fields read by `moe_layer_from_config`.
+            `moe_sigmoid`, and the MoE fields read by `moe_layer_from_config`;
+            with `dense_ffn_hidden_dim` (an int), a dense ReLU FFN of that
+            hidden width takes the MoE's place (the compute-matched baseline).
 
     Returns:
         keras.Model: int tokens [B, L] -> logits [B, L, V].
@@ -91,7 +95,16 @@ def build_lstm_moe(vocab_size, sequence_length, model):
         return keras.layers.Add(name=f"{name}_residual")([x, y]) if model.residual else y
 
     x = sublayer(_lstm(model.dim, "lstm_1"), x, "lstm_1")
-    moe = moe_layer_from_config(model)
+    if model.get("dense_ffn_hidden_dim") is None:
+        moe = moe_layer_from_config(model)
+    else:
+        # The dense baseline (the paper's "MoE-1-Wide"): one ReLU FFN that
+        # every token runs; hidden k * expert_hidden_dim matches the MoE's
+        # ops per timestep.
+        moe = keras.Sequential([
+            keras.layers.Dense(model.dense_ffn_hidden_dim, activation="relu", name="hidden"),
+            keras.layers.Dense(model.dim, name="output"),
+        ], name="dense_ffn")
     if model.moe_sigmoid:
         moe_block = lambda h: keras.layers.Activation("sigmoid", name="moe_sigmoid")(moe(h))
     else:
