@@ -13,6 +13,7 @@ import argparse
 import collections
 import glob
 import json
+import math
 import os
 import statistics
 
@@ -74,6 +75,32 @@ def table(runs):
     return "\n".join(lines) + "\n"
 
 
+def routing_table(runs):
+    """Routing health of the MoE runs: the last training batch's statistics
+    (16384 tokens, capacity factor 1.25) and the last test batch's
+    (dropless), with the router entropy's ceiling: ln E, or for the
+    hierarchical MoE (whose entropy is the primary gate's over sqrt(E)
+    groups) ln sqrt(E)."""
+    lines = [
+        "| model | load CV (train) | max load (train) | dropped (train) | secondary dropped "
+        "(train) | load CV (test) | router entropy (test, nats) | its ceiling |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for name, records in runs.items():
+        if not name.startswith("moe"):
+            continue
+        lines.append(
+            f"| {LABELS[name]} | {_routing(records, 'train', 'load_cv')} | "
+            f"{_routing(records, 'train', 'max_load')} | "
+            f"{_routing(records, 'train', 'dropped_fraction')} | "
+            f"{_routing(records, 'train', 'secondary_dropped_fraction')} | "
+            f"{_routing(records, 'test', 'load_cv')} | "
+            f"{_routing(records, 'test', 'router_entropy')} | "
+            f"{math.log(records[0]['experts']) / (2 if records[0]['hierarchical'] else 1):.2f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def plot(runs, path):
     import matplotlib  # pylint: disable=g-import-not-at-top
 
@@ -119,9 +146,10 @@ def main():
     runs = load(args.results)
     if not runs:
         parser.error(f"--results: no <name>_s<seed>.json in {args.results!r}")
+    text = table(runs) + "\n" + routing_table(runs)
     with open(args.table, "w") as f:
-        f.write(table(runs))
-    print(table(runs))
+        f.write(text)
+    print(text)
     if args.plot:
         plot(runs, args.plot)
 
