@@ -198,6 +198,17 @@ class ConfigChecksTest(parameterized.TestCase):
         ):
             lm_data.make(config, config.data.corpus, build_data=False)
 
+    def test_transformer_trainer_names_the_built_in_corpora(self):
+        # trainers/transformer_moe.py spells them as strings so that it imports
+        # no TensorFlow; they must stay the builders' names.
+        from tf_moe import data as data_lib
+        from trainers import transformer_moe
+
+        self.assertEqual(
+            transformer_moe.BUILT_IN_CORPORA,
+            {"lm": data_lib.TfMoeLmEn.name, "translate": data_lib.TfMoeTranslateEnDe.name},
+        )
+
 
 class ModelConfigChecksTest(parameterized.TestCase):
     """The model fields of the shipped configs, checked under their
