@@ -28,24 +28,9 @@ def setUpModule():
 
 
 def _command(workdir, *overrides):
-    flags = [
-        "--config=configs/lstm_moe_tiny.py",
+    flags = tiny_corpora.tiny_lstm_flags(300, STEPS, EVERY) + [
         f"--workdir={workdir}",
-        "--config.data.corpus=tiny_lm",
         f"--config.data.data_dir={DATA_DIR}",
-        "--config.data.vocab_size=300",
-        "--config.data.sequence_length=16",
-        "--config.data.eval_batches=4",
-        "--config.model.dim=32",
-        "--config.model.expert_hidden_dim=32",
-        "--config.model.num_experts=4",
-        "--config.model.k=2",
-        "--config.model.group_size=64",
-        "--config.train.batch_size=8",
-        f"--config.train.steps={STEPS}",
-        f"--config.train.checkpoint_every={EVERY}",
-        "--config.train.warmup_steps=4",
-        "--config.train.learning_rate=0.03",
     ]
     return [sys.executable, "-m", "trainers.lstm_moe", *flags, *overrides]
 

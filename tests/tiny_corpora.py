@@ -83,3 +83,25 @@ def prepare(data_dir):
     for builder in (TinyLm(data_dir=data_dir), TinyTranslate(data_dir=data_dir)):
         builder.download_and_prepare()
     return TinyLm.name, TinyTranslate.name
+
+
+def tiny_lstm_flags(vocab_size, steps, checkpoint_every):
+    """Trainer flags of the tiny LSTM-MoE on `tiny_lm` that the trainer tests
+    run (a few seconds a run; add the data source's own flags)."""
+    return [
+        "--config=configs/lstm_moe_tiny.py",
+        "--config.data.corpus=tiny_lm",
+        f"--config.data.vocab_size={vocab_size}",
+        "--config.data.sequence_length=16",
+        "--config.data.eval_batches=4",
+        "--config.model.dim=32",
+        "--config.model.expert_hidden_dim=32",
+        "--config.model.num_experts=4",
+        "--config.model.k=2",
+        "--config.model.group_size=64",
+        "--config.train.batch_size=8",
+        f"--config.train.steps={steps}",
+        f"--config.train.checkpoint_every={checkpoint_every}",
+        "--config.train.warmup_steps=4",
+        "--config.train.learning_rate=0.03",
+    ]

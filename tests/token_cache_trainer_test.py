@@ -59,23 +59,8 @@ module, sys.argv = sys.argv[1], [sys.argv[1]] + sys.argv[2:]
 runpy.run_module(module, run_name="__main__", alter_sys=True)
 """
 
-LSTM_FLAGS = [
-    "--config=configs/lstm_moe_tiny.py",
-    "--config.data.corpus=tiny_lm",
+LSTM_FLAGS = tiny_corpora.tiny_lstm_flags(VOCAB_SIZE, STEPS, EVERY) + [
     "--config.data.source=token_cache",
-    f"--config.data.vocab_size={VOCAB_SIZE}",
-    "--config.data.sequence_length=16",
-    "--config.data.eval_batches=4",
-    "--config.model.dim=32",
-    "--config.model.expert_hidden_dim=32",
-    "--config.model.num_experts=4",
-    "--config.model.k=2",
-    "--config.model.group_size=64",
-    "--config.train.batch_size=8",
-    f"--config.train.steps={STEPS}",
-    f"--config.train.checkpoint_every={EVERY}",
-    "--config.train.warmup_steps=4",
-    "--config.train.learning_rate=0.03",
 ]
 
 
