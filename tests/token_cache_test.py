@@ -7,6 +7,7 @@ test reads the cache in a subprocess where TensorFlow cannot be imported.
 The cache code does not use Keras; both backends run it (see BUILD).
 """
 
+import itertools
 import json
 import os
 import pathlib
@@ -196,6 +197,28 @@ class LoaderTest(parameterized.TestCase):
         self.assertFalse(np.array_equal(second, other_seed))
         # Same seed, same order.
         np.testing.assert_array_equal(epochs(seed=0, number=1)[0], first)
+
+    def test_batched_gather_equals_grain_batches_of_windows(self):
+        """`lm_loader` shuffles and batches indices, then gathers; the batches
+        equal Grain's shuffled batches of `LmWindows` elements (the
+        per-window path), across an epoch boundary, and `take` equals the
+        windows one by one."""
+        seq_len, batch_size = 16, 8
+        source = token_cache.LmWindows(self.cache.tokens("train"), seq_len)
+        rows = [5, 0, len(source) - 1, 5]
+        x, y = source.take(rows)
+        for j, i in enumerate(rows):
+            np.testing.assert_array_equal(x[j], source[i][0])
+            np.testing.assert_array_equal(y[j], source[i][1])
+        per_window = (
+            grain.MapDataset.source(source).seed(4).shuffle().repeat()
+            .batch(batch_size, drop_remainder=True)
+        )
+        count = 2 * len(source) // batch_size + 3  # past two epochs
+        loader = token_cache.lm_loader(self.cache, "train", seq_len, batch_size, seed=4,
+                                       repeat=True)
+        actual = list(itertools.islice(loader, count))
+        _assert_batches_equal(self, actual, [per_window[b] for b in range(count)])
 
     def test_shuffled_without_repeat_is_one_epoch(self):
         batches = list(token_cache.lm_loader(self.cache, "train", 16, 1, seed=3))
