@@ -43,10 +43,13 @@ class NonFiniteTokenTest(parameterized.TestCase):
         self.assertTrue(np.isnan(mixed[hit]).all())
         self.assertTrue(np.isfinite(mixed[~hit]).all())
         if capacity is None:
-            # No capacity pressure: nothing else changes, bit for bit. (With
-            # a capacity, the slot the token no longer takes may go to a
-            # token that was dropped before.)
-            np.testing.assert_array_equal(mixed[~hit], clean[~hit])
+            # No capacity pressure: nothing else changes but rounding. (The
+            # tokens behind the hit one in its experts' buffers move up a
+            # slot, and XLA CPU's matmul can round a row differently at
+            # another row position: 1-2 ulp with jax 0.10.2. With a
+            # capacity, the slot the token no longer takes may go to a token
+            # that was dropped before.)
+            np.testing.assert_allclose(mixed[~hit], clean[~hit], rtol=1e-6, atol=1e-7)
         stats = moe.last_routing_stats
         self.assertAlmostEqual(float(stats["nonfinite_fraction"]), 2 / 32, places=6)
         for name in moe.loss_names:
