@@ -246,6 +246,21 @@ class LmDataTest(absltest.TestCase):
         ):
             lm_data.make(config, "tiny_lm", build_data=False)
 
+    def test_tfds_corpus_of_the_wrong_kind(self):
+        tiny_corpora.TinyTranslate(data_dir=DATA_DIR).download_and_prepare()
+        config = tiny_config()
+        config.data.source = "tfds"
+        with self.assertRaisesRegex(
+            loop.ConfigError, r"`data.corpus` is a translation dataset; this task needs a "
+            r"text \(language-modelling\) dataset. Received: data.corpus='tiny_translate'"
+        ):
+            lm_data.make(config, "tiny_translate", build_data=False)
+        with self.assertRaisesRegex(
+            loop.ConfigError, r"`data.corpus` is a text \(language-modelling\) dataset; this "
+            r"task needs a translation dataset. Received: data.corpus='tiny_lm'"
+        ):
+            lm_data.prepare_tfds_corpus(config.data, "tiny_lm", False, translation=True)
+
     def test_train_counts_equal_tf_data(self):
         data = lm_data.make(tiny_config(), "tiny_lm", build_data=False)
         tokenizer = tokenizer_lib.load_or_train("tiny_lm", DATA_DIR, VOCAB_SIZE)

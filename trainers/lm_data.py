@@ -160,26 +160,42 @@ def _from_token_cache(config, corpus):
     )
 
 
-def _from_tfds(config, corpus, build_data):
+def prepare_tfds_corpus(data, corpus, build_data, translation=False):
+    """Builds the built-in `corpus` if `build_data` (once; a no-op
+    afterwards), checks that it is prepared in `data.data_dir` and is a text
+    (or, with `translation`, a translation) dataset, and returns its
+    tokenizer of `data.vocab_size` (trained on first use)."""
     # pylint: disable=g-import-not-at-top
+    import tensorflow_datasets as tfds
     from tf_moe import data as data_lib
-    from tf_moe.data import pipeline
     from tf_moe.data import tokenizer as tokenizer_lib
 
-    d = config.data
-    builder = loop.corpus_builder(corpus, d.data_dir)
+    builder = loop.corpus_builder(corpus, data.data_dir)
     built_in = (data_lib.TfMoeLmEn.name, data_lib.TfMoeTranslateEnDe.name)
     if build_data and corpus in built_in:
-        # Fetches and prepares the built-in corpus once; a no-op afterwards.
         builder.download_and_prepare()
     elif not builder.is_prepared():
         raise loop.ConfigError(
             f"`data.corpus` {corpus!r} is not prepared in `data.data_dir` "
             f"({builder.data_dir}): prepare it there with tfds (`tfds build "
             f"{corpus} --data_dir=...`) or point data.data_dir at it. Received: "
-            f"data.data_dir={d.data_dir!r}"
+            f"data.data_dir={data.data_dir!r}"
         )
-    tokenizer = tokenizer_lib.load_or_train(corpus, d.data_dir, d.vocab_size)
+    if isinstance(builder.info.features, tfds.features.Translation) != translation:
+        kind, needed = ("a text (language-modelling)", "a translation") if translation else (
+            "a translation", "a text (language-modelling)")
+        raise loop.ConfigError(
+            f"`data.corpus` is {kind} dataset; this task needs {needed} dataset. "
+            f"Received: data.corpus={corpus!r}"
+        )
+    return tokenizer_lib.load_or_train(corpus, data.data_dir, data.vocab_size)
+
+
+def _from_tfds(config, corpus, build_data):
+    from tf_moe.data import pipeline  # pylint: disable=g-import-not-at-top
+
+    d = config.data
+    tokenizer = prepare_tfds_corpus(d, corpus, build_data)
 
     def split(name, batch_size=config.train.batch_size, **kwargs):
         return pipeline.lm_dataset(

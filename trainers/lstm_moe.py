@@ -55,6 +55,7 @@ def main(argv):
     tokens_per_step = config.train.batch_size * config.data.sequence_length
     result = loop.fit(model, data.make_train, config, _WORKDIR.value, tokens_per_step)
     total, active = loop.parameter_counts(model)
+    test = loop.evaluate(model, data.test)
     summary = {
         "backend": keras.backend.backend(),
         **where,
@@ -62,9 +63,6 @@ def main(argv):
         "resumed_from_step": result["start_step"],
         "data_source": config.data.get("source", "tfds"),
         "validation_perplexity": loop.evaluate(model, data.validation)["perplexity"],
-    }
-    test = loop.evaluate(model, data.test)
-    summary.update({
         "test_perplexity": test["perplexity"],
         "unigram_test_perplexity": lm_data.unigram_perplexity(data),
         "total_parameters": total,
@@ -74,7 +72,7 @@ def main(argv):
         # last test batch's statistics of every MoE layer.
         "train_routing": loop.routing_logs(result["history"]),
         "test_routing": loop.routing_logs(test),
-    })
+    }
     loop.write_summary(_WORKDIR.value, summary)
 
 

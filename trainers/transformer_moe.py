@@ -77,48 +77,22 @@ def corpus_name(config):
     return config.data.corpus or BUILT_IN_CORPORA[config.task]
 
 
-def _check_corpus_matches_task(config):
-    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-
-    features = loop.corpus_builder(corpus_name(config), config.data.data_dir).info.features
-    is_translation = isinstance(features, tfds.features.Translation)
-    if is_translation != (config.task == "translate"):
-        kind = "a translation" if is_translation else "a text (language-modeling)"
-        raise loop.ConfigError(
-            f"`data.corpus` is {kind} dataset, which does not fit `config.task`. "
-            f"Received: data.corpus={corpus_name(config)!r}, config.task={config.task!r}"
-        )
-
-
 def make_datasets(config):
     """`lm_data.LmData` of the run, and split_fn(name, **kwargs) -> a
     `tf.data` split (translation's BLEU reads it; None for "lm")."""
-    d = config.data
     corpus = corpus_name(config)
-    if config.task == "lm" and d.get("source", "tfds") == "token_cache":
+    if config.task == "lm":
         return lm_data.make(config, corpus, _BUILD_DATA.value), None
-    # pylint: disable=g-import-not-at-top
-    from tf_moe.data import pipeline
-    from tf_moe.data import tokenizer as tokenizer_lib
-    if _BUILD_DATA.value and corpus in BUILT_IN_CORPORA.values():
-        # Fetches and prepares the built-in corpus once; a no-op afterwards.
-        loop.corpus_builder(corpus, d.data_dir).download_and_prepare()
-    elif not loop.corpus_builder(corpus, d.data_dir).is_prepared():
-        raise loop.ConfigError(
-            f"`data.corpus` {corpus!r} is not prepared in `data.data_dir`: prepare it "
-            f"with tfds (`tfds build {corpus} --data_dir=...`) or point "
-            f"data.data_dir at it. Received: data.data_dir={d.data_dir!r}"
-        )
-    _check_corpus_matches_task(config)
-    tokenizer = tokenizer_lib.load_or_train(corpus, d.data_dir, d.vocab_size)
+    from tf_moe.data import pipeline  # pylint: disable=g-import-not-at-top
+
+    d = config.data
+    tokenizer = lm_data.prepare_tfds_corpus(d, corpus, _BUILD_DATA.value, translation=True)
 
     def split(name, batch_size=config.train.batch_size, **kwargs):
-        common = dict(tokenizer=tokenizer, seed=config.seed, **kwargs)
-        if config.task == "lm":
-            return pipeline.lm_dataset(corpus, name, d.sequence_length, batch_size, d.data_dir, **common)
         return pipeline.translation_dataset(
-            corpus, name, d.sequence_length, batch_size, d.data_dir,
-            source_language=d.source_language, target_language=d.target_language, **common,
+            corpus, name, d.sequence_length, batch_size, d.data_dir, tokenizer=tokenizer,
+            seed=config.seed, source_language=d.source_language,
+            target_language=d.target_language, **kwargs,
         )
 
     def make_train(start_step):

@@ -400,8 +400,7 @@ class LmWindows:
         """-> (inputs <int32>[L], targets <int32>[L])."""
         if not 0 <= index < len(self):
             raise IndexError(f"Window {index} out of range [0, {len(self)}).")
-        start = index * (self._seq_len + 1)
-        window = np.array(self._tokens[start : start + self._seq_len + 1])
+        window = np.array(self._table[index])
         return window[:-1], window[1:]
 
     def __repr__(self):  # Grain's DataLoader checkpoints name the source.
