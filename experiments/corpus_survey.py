@@ -6,7 +6,7 @@ r"""Counts the English prose that Debian HTML manuals would add to an LM corpus.
 For each package: fetch and unpack it as the corpus builders do
 (`debian.PackageRoots`: SHA-256 checked, no symlink followed out of the
 tree), read every `.html` page with the Sphinx reader's `<p>` parser and
-count the paragraphs of `sphinx_html.MIN_WORDS`+ words, before dedup
+count the paragraphs of `html_manuals.MIN_WORDS`+ words, before dedup
 (the corpus's sentence and paragraph dedup removes some of them).
 """
 
@@ -20,14 +20,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from tf_moe.data import cleaning  # noqa: E402
 from tf_moe.data import debian  # noqa: E402
-from tf_moe.data.sources import sphinx_html  # noqa: E402
+from tf_moe.data.sources import html_manuals  # noqa: E402
 
 
 def count_page(path):
     """(words, paragraphs) of one page's long-enough `<p>` texts."""
     markup = path.read_text(encoding="utf-8", errors="replace")
-    words = [cleaning.word_count(p) for p in sphinx_html.html_paragraphs(markup)]
-    words = [w for w in words if w >= sphinx_html.MIN_WORDS]
+    words = [cleaning.word_count(p) for p in html_manuals.html_paragraphs(markup)]
+    words = [w for w in words if w >= html_manuals.MIN_WORDS]
     return sum(words), len(words)
 
 

@@ -38,7 +38,7 @@ from tf_moe.data.sources import gcide
 from tf_moe.data.sources import gettext_catalogs
 from tf_moe.data.sources import janeausten
 from tf_moe.data.sources import libreoffice_help
-from tf_moe.data.sources import sphinx_html
+from tf_moe.data.sources import html_manuals
 from tf_moe.data.sources import sword
 
 
@@ -46,6 +46,12 @@ from tf_moe.data.sources import sword
 # fractions would leave a corpus this small with empty splits.
 class SmallSplitsLmEn(builders.TfMoeLmEn):
     name = "tf_moe_lm_en_small_splits"
+    VALIDATION_FRACTION = 0.2
+    TEST_FRACTION = 0.2
+
+
+class SmallSplitsLmEnLarge(builders.TfMoeLmEnLarge):
+    name = "tf_moe_lm_en_large_small_splits"
     VALIDATION_FRACTION = 0.2
     TEST_FRACTION = 0.2
 
@@ -119,6 +125,22 @@ PYTHON_PAGE = f"""<html><body>
 <p>The Python tutorial explains &amp; shows how lists and dicts work.</p>
 {''.join(f'<p>{text}</p>' for text in ENGLISH_FILLERS[20:])}
 </body></html>"""
+
+
+def _manual_page(manual):
+    """A page of one of `html_manuals.MORE_MANUALS`: its own texts, one
+    paragraph of the built-in corpus (dropped by dedup) and a code block."""
+    own = [
+        f"The {manual.name} manual has its own paragraph number {i} with enough words."
+        for i in range(3)
+    ]
+    markup = "<html><body>" + "".join(f"<p>{text}</p>" for text in own)
+    markup += f"<pre>fn main() {{ println!(\"code is not prose at all\"); }}</pre>"
+    markup += f"<p>{PLANTED_PARAGRAPH}</p><p>Short one.</p></body></html>"
+    return markup, own
+
+
+MANUAL_PAGES = {manual.name: _manual_page(manual) for manual in html_manuals.MORE_MANUALS}
 
 AUSTEN_NOVELS = [
     [
@@ -318,12 +340,15 @@ def make_fake_packages(root):
     with gzip.open(dict_path, "wt", encoding="utf-8") as f:
         f.write(GCIDE_DICT)
 
-    linux = root / "linux-doc-6.1" / sphinx_html.LINUX_DOC.html_path
+    linux = root / "linux-doc-6.1" / html_manuals.LINUX_DOC.html_path
     _write(linux / "admin-guide" / "page.html", LINUX_PAGE)
     _write(linux / "_sources" / "skip.html", "<p>" + "sources copy " * 10 + "</p>")
     _write(linux / "translations" / "de.html", "<p>" + "deutscher text " * 10 + "</p>")
-    python = root / "python3.11-doc" / sphinx_html.PYTHON_DOC.html_path
+    python = root / "python3.11-doc" / html_manuals.PYTHON_DOC.html_path
     _write(python / "tutorial" / "index.html", PYTHON_PAGE)
+    for manual in html_manuals.MORE_MANUALS:
+        html = root / manual.package / manual.html_path
+        _write(html / "guide" / "index.html", MANUAL_PAGES[manual.name][0])
 
     rdb = root / "r-cran-janeaustenr" / janeausten.RDB_PATH
     rdb.parent.mkdir(parents=True)
@@ -381,7 +406,7 @@ def setUpModule():
     tmp = tempfile.mkdtemp()
     packages = make_fake_packages(pathlib.Path(tmp) / "packages")
     data_dir = str(pathlib.Path(tmp) / "tfds")
-    for builder_class in (SmallSplitsLmEn, SmallSplitsTranslateEnDe):
+    for builder_class in (SmallSplitsLmEn, SmallSplitsLmEnLarge, SmallSplitsTranslateEnDe):
         builder_class(data_dir=data_dir, source_root=str(packages)).download_and_prepare()
     _FIXTURE.update(tmp=tmp, packages=packages, data_dir=data_dir)
 
@@ -397,9 +422,9 @@ class DataTestBase(parameterized.TestCase):
         self.packages = _FIXTURE["packages"]
         self.data_dir = _FIXTURE["data_dir"]
 
-    def lm_splits(self):
+    def lm_splits(self, name=SmallSplitsLmEn.name):
         return {
-            split: [ex["text"] for ex in _texts(SmallSplitsLmEn.name, self.data_dir, split)]
+            split: [ex["text"] for ex in _texts(name, self.data_dir, split)]
             for split in corpus.SPLITS
         }
 
@@ -418,11 +443,11 @@ class SourcesTest(DataTestBase):
         self.assertEqual(list(gcide.paragraphs(self.packages / "dict-gcide")), GCIDE_EXPECTED)
 
     def test_sphinx_keeps_long_paragraphs_outside_pre_and_skipped_trees(self):
-        paragraphs = list(sphinx_html.LINUX_DOC.paragraphs(self.packages / "linux-doc-6.1"))
+        paragraphs = list(html_manuals.LINUX_DOC.paragraphs(self.packages / "linux-doc-6.1"))
         self.assertEqual(paragraphs, LINUX_EXPECTED)
 
     def test_sphinx_decodes_character_references(self):
-        paragraphs = list(sphinx_html.PYTHON_DOC.paragraphs(self.packages / "python3.11-doc"))
+        paragraphs = list(html_manuals.PYTHON_DOC.paragraphs(self.packages / "python3.11-doc"))
         self.assertIn(
             "The Python tutorial explains & shows how lists and dicts work.", paragraphs
         )
@@ -552,7 +577,7 @@ class LmBuilderTest(DataTestBase):
         shutil.copytree(self.packages, packages)
         extra = [f"Extra paragraph {i} makes the corpus large enough to split." for i in range(800)]
         _write(
-            packages / "python3.11-doc" / sphinx_html.PYTHON_DOC.html_path / "extra.html",
+            packages / "python3.11-doc" / html_manuals.PYTHON_DOC.html_path / "extra.html",
             "".join(f"<p>{text}</p>" for text in extra),
         )
         data_dir = tempfile.mkdtemp(dir=self.tmp)
@@ -589,6 +614,35 @@ class LmBuilderTest(DataTestBase):
                 source_root=tempfile.mkdtemp(dir=self.tmp),
             )
             builder.download_and_prepare()
+
+
+class LargeLmBuilderTest(DataTestBase):
+    def test_every_lm_en_text_is_kept_in_the_same_split(self):
+        small, large = self.lm_splits(), self.lm_splits(SmallSplitsLmEnLarge.name)
+        for split in corpus.SPLITS:
+            self.assertContainsSubset(small[split], large[split], split)
+
+    def test_every_manual_adds_its_texts_and_nothing_already_seen(self):
+        large = self.lm_splits(SmallSplitsLmEnLarge.name)
+        everything = [t for texts in large.values() for t in texts]
+        small = {t for texts in self.lm_splits().values() for t in texts}
+        added = sorted(t for t in everything if t not in small)
+        expected = sorted(t for _, own in MANUAL_PAGES.values() for t in own)
+        self.assertEqual(added, expected)
+        self.assertLen([t for t in everything if t == PLANTED_PARAGRAPH], 1)
+        for split, texts in large.items():
+            for text in texts:
+                self.assertEqual(_reference_split(text, 0.2, 0.2), split, text)
+        stats = tfds.builder(SmallSplitsLmEnLarge.name, data_dir=self.data_dir).info.metadata
+        for manual in html_manuals.MORE_MANUALS:
+            self.assertEqual(stats["statistics"]["sources"][manual.name]["kept_examples"], 3)
+            self.assertEqual(stats["licences"][manual.name], manual.licence)
+            self.assertIn(manual.package, stats["debian_packages"])
+
+    def test_build_knows_the_large_corpus(self):
+        self.assertEqual(build_lib.CORPORA["lm_en_large"], "tf_moe_lm_en_large")
+        with self.assertRaisesRegex(ValueError, "lm_en_large"):
+            build_lib.build("lm_xl", data_dir=self.tmp)
 
 
 class TranslationBuilderTest(DataTestBase):
@@ -1030,7 +1084,7 @@ class SymlinkTest(DataTestBase):
         shutil.copytree(_FIXTURE["packages"], self.packages, symlinks=True)
 
         linux = self.packages / "linux-doc-6.1"
-        html = linux / sphinx_html.LINUX_DOC.html_path
+        html = linux / html_manuals.LINUX_DOC.html_path
         (html / "leak.html").symlink_to(self.host / "secret.html")  # absolute
         (html / "relative_leak.html").symlink_to(
             os.path.relpath(self.host / "secret.html", html)  # ../../.. out
@@ -1065,7 +1119,7 @@ class SymlinkTest(DataTestBase):
 
     def test_sphinx_skips_links_out_of_the_tree_and_keeps_in_tree_links(self):
         with self.assertLogs(level="WARNING") as logs:
-            paragraphs = list(sphinx_html.LINUX_DOC.paragraphs(self.packages / "linux-doc-6.1"))
+            paragraphs = list(html_manuals.LINUX_DOC.paragraphs(self.packages / "linux-doc-6.1"))
         self.assertNoSecret(paragraphs)
         self.assertEqual(paragraphs, LINUX_EXPECTED + [IN_TREE])
         output = "\n".join(logs.output)

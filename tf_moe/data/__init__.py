@@ -1,7 +1,7 @@
 """Data for the tf_moe trainers: built-in corpora, tokenizers, input pipelines.
 
-Importing this package registers the tfds builders `tf_moe_lm_en` and
-`tf_moe_translate_en_de` (see `builders`). See docs/data.md.
+Importing this package registers the tfds builders `tf_moe_lm_en`,
+`tf_moe_lm_en_large` and `tf_moe_translate_en_de` (see `builders`). See docs/data.md.
 
 Where TensorFlow is not installed (a JAX-only machine) the TensorFlow parts
 are skipped, so that `tf_moe.data.token_cache` (token caches read with
@@ -12,7 +12,7 @@ _TENSORFLOW_MODULES = ("tensorflow", "tensorflow_datasets", "tensorflow_text")
 
 try:
     from tf_moe.data import builders
-    from tf_moe.data.builders import TfMoeLmEn, TfMoeTranslateEnDe
+    from tf_moe.data.builders import TfMoeLmEn, TfMoeLmEnLarge, TfMoeTranslateEnDe
     from tf_moe.data.pipeline import lm_dataset, translation_dataset
     from tf_moe.data.tokenizer import Tokenizer, load_or_train as load_tokenizer
 except ModuleNotFoundError as error:
@@ -24,7 +24,7 @@ except ModuleNotFoundError as error:
 
     def __getattr__(name):
         if name in (
-            "builders", "TfMoeLmEn", "TfMoeTranslateEnDe", "lm_dataset",
+            "builders", "TfMoeLmEn", "TfMoeLmEnLarge", "TfMoeTranslateEnDe", "lm_dataset",
             "translation_dataset", "Tokenizer", "load_tokenizer",
         ):
             raise ImportError(

@@ -22,6 +22,7 @@ from tf_moe.data import tokenizer as tokenizer_lib
 
 CORPORA = {
     "lm_en": builders.TfMoeLmEn.name,
+    "lm_en_large": builders.TfMoeLmEnLarge.name,
     "translate_en_de": builders.TfMoeTranslateEnDe.name,
 }
 
@@ -57,7 +58,7 @@ def build(
     """Builds `corpus` and its tokenizer if missing; returns a report.
 
     Args:
-        corpus: a key of CORPORA ("lm_en", "translate_en_de").
+        corpus: a key of CORPORA ("lm_en", "lm_en_large", "translate_en_de").
         data_dir: tfds data_dir (default: tfds's).
         source_root: folder of already unpacked packages (no download).
         vocab_size: SentencePiece vocabulary size.

@@ -1,8 +1,9 @@
-"""tfds builders of the built-in corpora: `tf_moe_lm_en`, `tf_moe_translate_en_de`.
+"""tfds builders of the built-in corpora: `tf_moe_lm_en`, `tf_moe_lm_en_large`,
+`tf_moe_translate_en_de`.
 
 Owns: the tfds side (features, splits, version, metadata) of the corpora
 that `sources` extract and `corpus` deduplicates and splits. Importing this
-module registers both builders with tfds, so that
+module registers the builders with tfds, so that
 `tfds.load("tf_moe_lm_en", data_dir=...)` works.
 
 Packages are fetched with `apt-get download` into
@@ -111,6 +112,21 @@ class TfMoeLmEn(_DebianCorpusBuilder):
     def _generate_examples(self, texts):
         for index, text in enumerate(texts):
             yield index, {"text": text}
+
+
+class TfMoeLmEnLarge(TfMoeLmEn):
+    """`tf_moe_lm_en` plus twelve more HTML manuals (about 14M words).
+
+    Rust's standard library and books, LilyPond, PostgreSQL, SQLAlchemy,
+    SciPy, pandas, Git, Django, Node.js, Octave, GIMP and Sphinx manuals
+    after the sources of `tf_moe_lm_en`, so every `tf_moe_lm_en` example is
+    kept, in the same split; the same dedup and 98/1/1 hash split.
+    """
+
+    name = "tf_moe_lm_en_large"
+
+    def _sources(self):
+        return sources.LARGE_ENGLISH_SOURCES
 
 
 class TfMoeTranslateEnDe(_DebianCorpusBuilder):

@@ -18,7 +18,7 @@ from tf_moe.data.sources import gcide
 from tf_moe.data.sources import gettext_catalogs
 from tf_moe.data.sources import janeausten
 from tf_moe.data.sources import libreoffice_help
-from tf_moe.data.sources import sphinx_html
+from tf_moe.data.sources import html_manuals
 from tf_moe.data.sources import sword
 
 
@@ -56,20 +56,17 @@ def _ui_pairs(roots, language):
     )
 
 
+def _manual(manual):
+    return Source(
+        manual.name, (manual.package,), _single(manual.paragraphs, manual.package),
+        manual.licence,
+    )
+
+
 ENGLISH_SOURCES = (
     Source("gcide", (gcide.PACKAGE,), _single(gcide.paragraphs, gcide.PACKAGE), "GPL-2+"),
-    Source(
-        "linux_doc",
-        (sphinx_html.LINUX_DOC.package,),
-        _single(sphinx_html.LINUX_DOC.paragraphs, sphinx_html.LINUX_DOC.package),
-        "GPL-2",
-    ),
-    Source(
-        "python_doc",
-        (sphinx_html.PYTHON_DOC.package,),
-        _single(sphinx_html.PYTHON_DOC.paragraphs, sphinx_html.PYTHON_DOC.package),
-        "PSF-2.0",
-    ),
+    _manual(html_manuals.LINUX_DOC),
+    _manual(html_manuals.PYTHON_DOC),
     Source(
         "austen",
         (janeausten.PACKAGE,),
@@ -77,6 +74,12 @@ ENGLISH_SOURCES = (
         "MIT (novels in the public domain)",
     ),
     Source("web_bible", (sword.PACKAGE,), _single(sword.paragraphs, sword.PACKAGE), "public domain"),
+)
+
+# The built-in corpus first, so that dedup keeps every one of its texts (and
+# the hash split puts each in the same split): lm_en is a subset of lm_en_large.
+LARGE_ENGLISH_SOURCES = ENGLISH_SOURCES + tuple(
+    _manual(manual) for manual in html_manuals.MORE_MANUALS
 )
 
 

@@ -1,9 +1,11 @@
-"""Sphinx-generated HTML manuals: linux-doc-6.1 and python3.11-doc.
+"""HTML manuals of Debian packages: Sphinx, rustdoc, DocBook, Texinfo, AsciiDoc.
 
-Owns: walking a Sphinx HTML tree and keeping the text of its `<p>` elements.
-Parsing uses the standard library's `html.parser`; `<pre>`, `<script>` and
-`<style>` content is skipped, and so are the `_sources` (reST copies) and
-`translations` (non-English) sub-trees.
+Owns: walking a manual's HTML tree and keeping the text of its `<p>`
+elements, and the list of manuals the corpora read. Every generator of
+these manuals writes prose paragraphs as `<p>` and code as `<pre>`, so one
+reader serves them all. Parsing uses the standard library's `html.parser`;
+`<pre>`, `<script>` and `<style>` content is skipped, and so are the
+`_sources` (reST copies) and `translations` (non-English) sub-trees.
 """
 
 import html.parser
@@ -72,7 +74,7 @@ def paragraphs(html_root, package_root=None):
     """Yields the cleaned paragraphs of every page under `html_root`.
 
     Args:
-        html_root: the Sphinx output folder (holding `index.html`).
+        html_root: the manual's top folder (holding `index.html`).
         package_root: the unpacked package holding it, which no symlink is
             followed out of; defaults to `html_root`.
     """
@@ -84,21 +86,54 @@ def paragraphs(html_root, package_root=None):
                 yield text
 
 
-class SphinxManual:
-    """A Debian package holding a Sphinx HTML manual."""
+class HtmlManual:
+    """A Debian package holding an HTML manual, and its licence."""
 
-    def __init__(self, name, package, html_path):
+    def __init__(self, name, package, html_path, licence):
         self.name = name
         self.package = package
         self.html_path = html_path
+        self.licence = licence
 
     def paragraphs(self, package_root):
         return paragraphs(pathlib.Path(package_root) / self.html_path, package_root)
 
 
-LINUX_DOC = SphinxManual(
-    "linux_doc", "linux-doc-6.1", "usr/share/doc/linux-doc-6.1/html"
+LINUX_DOC = HtmlManual(
+    "linux_doc", "linux-doc-6.1", "usr/share/doc/linux-doc-6.1/html", "GPL-2"
 )
-PYTHON_DOC = SphinxManual(
-    "python_doc", "python3.11-doc", "usr/share/doc/python3.11/html"
+PYTHON_DOC = HtmlManual(
+    "python_doc", "python3.11-doc", "usr/share/doc/python3.11/html", "PSF-2.0"
+)
+
+# The manuals `tf_moe_lm_en_large` adds, largest first (words of `<p>` text
+# before dedup, docs/data.md). Each root holds English pages only.
+MORE_MANUALS = (
+    HtmlManual("rust_doc", "rust-doc", "usr/share/doc/rust-doc/html", "MIT or Apache-2.0"),
+    HtmlManual(
+        "lilypond_doc", "lilypond-doc-html", "usr/share/doc/lilypond/html/Documentation",
+        "GFDL-1.3+",
+    ),
+    HtmlManual(
+        "postgresql_doc", "postgresql-doc-15", "usr/share/doc/postgresql-doc-15/html",
+        "PostgreSQL",
+    ),
+    HtmlManual(
+        "sqlalchemy_doc", "python-sqlalchemy-doc", "usr/share/doc/python-sqlalchemy-doc/html",
+        "MIT",
+    ),
+    HtmlManual(
+        "scipy_doc", "python-scipy-doc", "usr/share/doc/python-scipy-doc/html", "BSD-3-Clause"
+    ),
+    HtmlManual(
+        "pandas_doc", "python-pandas-doc", "usr/share/doc/python-pandas-doc/html", "BSD-3-Clause"
+    ),
+    HtmlManual("git_doc", "git-doc", "usr/share/doc/git-doc", "GPL-2"),
+    HtmlManual(
+        "django_doc", "python-django-doc", "usr/share/doc/python-django-doc/html", "BSD-3-Clause"
+    ),
+    HtmlManual("nodejs_doc", "nodejs-doc", "usr/share/doc/nodejs/api", "MIT"),
+    HtmlManual("octave_doc", "octave-doc", "usr/share/doc/octave/octave.html", "GPL-3+"),
+    HtmlManual("gimp_help", "gimp-help-en", "usr/share/gimp/2.0/help/en", "GFDL-1.2+"),
+    HtmlManual("sphinx_doc", "sphinx-doc", "usr/share/doc/sphinx-doc/html", "BSD-2-Clause"),
 )
