@@ -4,6 +4,7 @@ tokens/s, TFLOP/s and routing health.
 
     KERAS_BACKEND=jax python experiments/lstm_moe_sweep.py \
         --cache_dir=/data/lm_cache --out=results/sweep [--runs=dense,moe64] \
+        [--corpus=tf_moe_lm_en_large] \
         [--seeds=0,1 --seeded=dense,moe64] [--time_budget_s=540]
 
 Each run is `python -m trainers.lstm_moe` in its own process and workdir
@@ -76,6 +77,7 @@ def trainer_command(args, name, seed):
         sys.executable, "-m", "trainers.lstm_moe", f"--config={CONFIG}:{name}",
         f"--workdir={os.path.join(args.runs_dir, f'{name}_s{seed}')}", f"--config.seed={seed}",
         f"--config.data.token_cache_dir={args.cache_dir}",
+        f"--config.data.corpus={args.corpus}",
     ]
     if args.steps:
         command += [f"--config.train.steps={args.steps}",
@@ -114,6 +116,7 @@ def make_record(args, name, seed, summary, device, wall_seconds):
     return {
         "name": name,
         "seed": seed,
+        "corpus": args.corpus,
         "experts": 1 if config.model.get("dense_ffn_hidden_dim") else (
             config.model.num_groups * config.model.experts_per_group
             if config.model.hierarchical else config.model.num_experts),
@@ -142,7 +145,10 @@ def make_record(args, name, seed, summary, device, wall_seconds):
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cache_dir", required=True, help="token cache of tf_moe_lm_en")
+    parser.add_argument("--cache_dir", required=True, help="token cache of --corpus")
+    parser.add_argument("--corpus", default="tf_moe_lm_en",
+                        help="the corpus the cache was exported from (the trainer checks "
+                             "it): tf_moe_lm_en or tf_moe_lm_en_large")
     parser.add_argument("--out", required=True, help="folder for <name>_s<seed>.json and runs/")
     parser.add_argument("--runs_dir", default=None,
                         help="workdirs (checkpoints, logs) of the runs; default <out>/runs")

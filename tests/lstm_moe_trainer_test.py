@@ -1,5 +1,6 @@
 """End-to-end tests of trainers/lstm_moe.py in subprocesses: a tiny run, exact
-resume after SIGKILL, a damaged checkpoint, and bad flags. Data: the
+resume after SIGKILL during a save, a damaged checkpoint, a second trainer
+on the same workdir, and bad flags. Data: the
 synthetic `tiny_lm` corpus of tests/tiny_corpora.py."""
 
 import json
@@ -68,9 +69,21 @@ def _summary(workdir):
 class LstmMoeTrainerTest(absltest.TestCase):
     @classmethod
     def setUpClass(cls):
+        # The reference run is also the first trainer of the lock test: a
+        # second trainer started on its workdir while it runs must refuse.
         cls.reference = tempfile.mkdtemp()
-        code, cls.reference_log = _run(cls.reference)
-        assert code == 0, cls.reference_log[-3000:]
+        first = subprocess.Popen(
+            _command(cls.reference), cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True,
+        )
+        lock = os.path.join(cls.reference, "LOCK")
+        deadline = time.time() + 300
+        while not os.path.exists(lock) and first.poll() is None and time.time() < deadline:
+            time.sleep(0.01)
+        cls.second_code, cls.second_log = _run(cls.reference)
+        cls.reference_log, _ = first.communicate(timeout=600)
+        cls.first_pid, cls.lock = first.pid, lock
+        assert first.returncode == 0, cls.reference_log[-3000:]
 
     def assertSameFinalWeights(self, workdir):
         expected, actual = _final_state(self.reference), _final_state(workdir)
@@ -98,35 +111,11 @@ class LstmMoeTrainerTest(absltest.TestCase):
         # Only the newest `keep_checkpoints` (3) remain.
         self.assertLen(os.listdir(os.path.join(self.reference, "checkpoints")), 3)
 
-    def test_resume_after_sigkill_matches_uninterrupted_run(self):
-        workdir = tempfile.mkdtemp()
-        process = subprocess.Popen(
-            _command(workdir), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        first = os.path.join(workdir, "checkpoints", str(2 * EVERY), "commit_success.txt")
-        deadline = time.time() + 300
-        while not os.path.exists(first) and process.poll() is None:
-            self.assertLess(time.time(), deadline, "no checkpoint within 300 s")
-            time.sleep(0.01)
-        process.send_signal(signal.SIGKILL)
-        process.wait()
-        self.assertFalse(os.path.exists(os.path.join(workdir, "summary.json")),
-                         "the run finished before it could be killed")
-        code, log = _run(workdir)
-        self.assertEqual(code, 0, log[-3000:])
-        summary = _summary(workdir)
-        self.assertIn("Resuming from step", log)
-        self.assertGreater(summary["resumed_from_step"], 0)
-        self.assertLess(summary["resumed_from_step"], STEPS)
-        self.assertEqual(summary["resumed_from_step"] % EVERY, 0)
-        self.assertEqual(summary["steps"], STEPS)
-        self.assertSameFinalWeights(workdir)
-
     def test_resume_after_sigkill_during_a_save(self):
-        """Killed while Orbax writes a checkpoint (its temporary folder
-        exists): the restart removes the partial save, resumes from the last
-        complete one and ends with the uninterrupted run's weights."""
+        """Killed mid-run while Orbax writes a checkpoint (its temporary
+        folder exists, an earlier one is complete): the restart removes the
+        partial save, resumes from the last complete one and ends with the
+        uninterrupted run's weights, bit for bit."""
         workdir = tempfile.mkdtemp()
         checkpoints = os.path.join(workdir, "checkpoints")
         process = subprocess.Popen(
@@ -143,32 +132,25 @@ class LstmMoeTrainerTest(absltest.TestCase):
             time.sleep(0.001)
         process.wait()
         self.assertTrue(caught, "never saw a save in progress")
+        self.assertFalse(os.path.exists(os.path.join(workdir, "summary.json")),
+                         "the run finished before it could be killed")
         code, log = _run(workdir)
         self.assertEqual(code, 0, log[-3000:])
         self.assertIn("Resuming from step", log)
         self.assertFalse(any(".orbax-checkpoint-tmp" in n for n in os.listdir(checkpoints)))
+        summary = _summary(workdir)
+        self.assertGreater(summary["resumed_from_step"], 0)
+        self.assertLess(summary["resumed_from_step"], STEPS)
+        self.assertEqual(summary["resumed_from_step"] % EVERY, 0)
+        self.assertEqual(summary["steps"], STEPS)
         self.assertSameFinalWeights(workdir)
 
     def test_second_trainer_on_the_same_workdir_refuses(self):
-        workdir = tempfile.mkdtemp()
-        first = subprocess.Popen(
-            _command(workdir), cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, text=True,
-        )
-        lock = os.path.join(workdir, "LOCK")
-        deadline = time.time() + 300
-        while not os.path.exists(lock) and first.poll() is None:
-            self.assertLess(time.time(), deadline, "no LOCK within 300 s")
-            time.sleep(0.01)
-        code, log = _run(workdir)
-        first_log, _ = first.communicate(timeout=600)
-        self.assertEqual(first.returncode, 0, first_log[-3000:])
-        self.assertNotEqual(code, 0)
-        self.assertIn(f"WorkdirInUseError: The workdir {workdir} is in use by process "
-                      f"{first.pid}", log)
-        self.assertNotIn("Traceback", log)
-        self.assertFalse(os.path.exists(lock))  # released at exit
-        self.assertSameFinalWeights(workdir)
+        self.assertNotEqual(self.second_code, 0, self.second_log[-3000:])
+        self.assertIn(f"WorkdirInUseError: The workdir {self.reference} is in use by "
+                      f"process {self.first_pid}", self.second_log)
+        self.assertNotIn("Traceback", self.second_log)
+        self.assertFalse(os.path.exists(self.lock))  # released at exit
 
     def test_damaged_latest_checkpoint_falls_back_to_previous(self):
         workdir = tempfile.mkdtemp()
