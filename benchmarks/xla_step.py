@@ -1,9 +1,14 @@
 """Times `model.fit` steps of the tiny Transformer-MoE LM with and without
 XLA (`jit_compile`), with and without its MoE blocks, and of a model holding
 one MoE layer: the measurement behind the open "TF CPU XLA step" problem in
-docs/status.md. Prints a table and writes JSON.
+docs/status.md. `--cases=dropout` times only the cause found: dropout's
+random numbers under XLA on TF CPU (Keras's `keras.random.dropout`, which
+leaves TensorFlow's RNG algorithm on "auto_select", against TensorFlow's
+stateless dropout with `rng_alg="philox"` named). Prints a table and
+writes JSON.
 
     KERAS_BACKEND=tensorflow python benchmarks/xla_step.py --json /tmp/xla_step.json
+    KERAS_BACKEND=tensorflow python benchmarks/xla_step.py --cases=dropout --json /tmp/xla_dropout.json
 """
 
 import argparse
@@ -49,9 +54,40 @@ def moe_only(dispatch):
     return keras.Model(inputs, moe(inputs))
 
 
+def dropout_ms(fn, jit_compile, repeats=3):
+    import tensorflow as tf  # only the dropout cases, which are TF's RNG
+
+    step = tf.function(fn, jit_compile=jit_compile)
+    step().numpy()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        step().numpy()
+    return (time.perf_counter() - start) / repeats * 1e3
+
+
+def dropout_cases():
+    """The expert dropout's shape in the tiny LM's MoE blocks: [E, C, h]."""
+    import tensorflow as tf
+
+    x = tf.ones((8, 640, 512))  # [E, C, h]
+    generator = keras.random.SeedGenerator(0)
+    seed = tf.Variable([3, 4], dtype=tf.int32)  # a seed XLA cannot fold, as in a train step
+    keras_dropout = lambda: keras.random.dropout(x, 0.1, seed=generator)  # noqa: E731
+    philox_dropout = lambda: tf.nn.experimental.stateless_dropout(  # noqa: E731
+        x, 0.1, seed=seed + 1, rng_alg="philox")
+    return [
+        ("keras.random.dropout [8,640,512]", keras_dropout, False),
+        ("keras.random.dropout [8,640,512]", keras_dropout, True),
+        ("tf stateless_dropout philox", philox_dropout, False),
+        ("tf stateless_dropout philox", philox_dropout, True),
+    ]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", default="xla_step.json")
+    parser.add_argument("--cases", choices=("all", "models", "dropout"), default="all",
+                        help="the model steps, the dropout cases, or both")
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     tokens = rng.integers(4, VOCAB, (BATCH * STEPS, LENGTH))
@@ -64,12 +100,18 @@ def main():
         ("one MoE layer, gather", lambda: moe_only("gather"), floats, True),
     ]
     rows = []
-    for name, build, data, jit in cases:
-        keras.utils.set_random_seed(0)
-        rows.append({"model": name, "jit_compile": jit,
-                     "ms_per_step": step_ms(build(), data, data, jit)})
-        print(f"{name:34s} jit_compile={str(jit):5s} {rows[-1]['ms_per_step']:8.0f} ms/step",
-              flush=True)
+    if args.cases != "dropout":
+        for name, build, data, jit in cases:
+            keras.utils.set_random_seed(0)
+            rows.append({"model": name, "jit_compile": jit,
+                         "ms_per_step": step_ms(build(), data, data, jit)})
+            print(f"{name:34s} jit_compile={str(jit):5s} {rows[-1]['ms_per_step']:8.0f} ms/step",
+                  flush=True)
+    if args.cases != "models" and keras.backend.backend() == "tensorflow":
+        for name, fn, jit in dropout_cases():
+            rows.append({"model": name, "jit_compile": jit, "ms_per_step": dropout_ms(fn, jit)})
+            print(f"{name:34s} jit_compile={str(jit):5s} {rows[-1]['ms_per_step']:8.1f} ms/call",
+                  flush=True)
     with open(args.json, "w") as f:
         json.dump({"backend": keras.backend.backend(), "rows": rows}, f, indent=2)
 
