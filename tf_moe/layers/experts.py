@@ -25,6 +25,7 @@ from tf_moe._validation import (
     check_initializer,
     check_positive_int,
 )
+from tf_moe.layers.dropout import Dropout, dropout
 from tf_moe.ops.grouped_matmul import grouped_matmul, row_expert
 
 PLAIN_ACTIVATIONS = {
@@ -124,7 +125,7 @@ class Experts(keras.layers.Layer):
         self.kernel_initializer = check_initializer("kernel_initializer", kernel_initializer)
         self.bias_initializer = check_initializer("bias_initializer", bias_initializer)
         # Same dtype policy, or Dropout would cast bf16 hidden units to float32.
-        self.dropout_layer = keras.layers.Dropout(self.dropout, dtype=self.dtype_policy)
+        self.dropout_layer = Dropout(self.dropout, dtype=self.dtype_policy)
 
     @property
     def gated(self):
@@ -206,7 +207,7 @@ class Experts(keras.layers.Layer):
             partial_sum: fn applied to the output matmul before its bias, or
                 None: with the hidden dim sharded (`params` a shard of it) it
                 sums the devices' partial products.
-            dropout_seed: a seed for `keras.random.dropout`, or None for the
+            dropout_seed: a seed for `layers.dropout.dropout`, or None for the
                 layer's own seed generator (a per-device program passes one).
         """
         dtype = self.compute_dtype
@@ -220,7 +221,7 @@ class Experts(keras.layers.Layer):
         if dropout_seed is None:
             hidden = self.dropout_layer(hidden, training=training)
         elif training and self.dropout > 0:
-            hidden = keras.random.dropout(hidden, self.dropout, seed=dropout_seed)
+            hidden = dropout(hidden, self.dropout, seed=dropout_seed)
         outputs = matmul(hidden, w["wo"])  # [..., d]
         if partial_sum is not None:
             outputs = partial_sum(outputs)

@@ -13,6 +13,7 @@ import keras
 
 from tf_moe._validation import check_fraction, check_positive_int
 from tf_moe.layers import HierarchicalMoE, MoE
+from tf_moe.layers.dropout import Dropout
 from tf_moe.routing import NoisyTopKRouter
 
 
@@ -88,10 +89,10 @@ def build_lstm_moe(vocab_size, sequence_length, model):
     check_model_config(model)
     tokens = keras.Input((sequence_length,), dtype="int32", name="tokens")
     x = keras.layers.Embedding(vocab_size, model.dim, name="embedding")(tokens)
-    x = keras.layers.Dropout(model.dropout, name="embedding_dropout")(x)
+    x = Dropout(model.dropout, name="embedding_dropout")(x)
 
     def sublayer(layer, x, name):
-        y = keras.layers.Dropout(model.dropout, name=f"{name}_dropout")(layer(x))
+        y = Dropout(model.dropout, name=f"{name}_dropout")(layer(x))
         return keras.layers.Add(name=f"{name}_residual")([x, y]) if model.residual else y
 
     x = sublayer(_lstm(model.dim, "lstm_1"), x, "lstm_1")

@@ -23,6 +23,7 @@ from keras import ops
 
 from tf_moe._validation import check_choice, check_fraction, check_positive_int
 from tf_moe.layers import MoE
+from tf_moe.layers.dropout import Dropout, MultiHeadAttention
 from tf_moe.layers.experts import EXPERT_ACTIVATIONS, GATED_ACTIVATIONS, activate
 from tf_moe.routing import TopKRouter
 
@@ -125,7 +126,7 @@ class FeedForward(keras.layers.Layer):
             if activation in GATED_ACTIVATIONS
             else None
         )
-        self.hidden_dropout = keras.layers.Dropout(dropout, dtype=self.dtype_policy)
+        self.hidden_dropout = Dropout(dropout, dtype=self.dtype_policy)
 
     def build(self, input_shape):
         dim = input_shape[-1]
@@ -212,16 +213,16 @@ def _embed(tokens, embedding, model, max_length, name):
     """Token embedding + positions + dropout: [B, L] -> [B, L, d]."""
     x = embedding(tokens)
     x = PositionEmbedding(max_length, model.position, name=f"{name}_position")(x)
-    return keras.layers.Dropout(model.dropout, name=f"{name}_dropout")(x)
+    return Dropout(model.dropout, name=f"{name}_dropout")(x)
 
 
 def _residual(x, sublayer_output, model, name):
-    y = keras.layers.Dropout(model.dropout, name=f"{name}_dropout")(sublayer_output)
+    y = Dropout(model.dropout, name=f"{name}_dropout")(sublayer_output)
     return keras.layers.Add(name=f"{name}_residual")([x, y])
 
 
 def _attention(model, name):
-    return keras.layers.MultiHeadAttention(
+    return MultiHeadAttention(
         num_heads=model.num_heads,
         key_dim=model.dim // model.num_heads,
         dropout=model.dropout,
