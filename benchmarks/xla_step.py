@@ -3,8 +3,8 @@ XLA (`jit_compile`), with and without its MoE blocks, and of a model holding
 one MoE layer: the measurement behind the open "TF CPU XLA step" problem in
 docs/status.md. `--cases=dropout` times only the cause found: dropout's
 random numbers under XLA on TF CPU (Keras's `keras.random.dropout`, which
-leaves TensorFlow's RNG algorithm on "auto_select", against TensorFlow's
-stateless dropout with `rng_alg="philox"` named). Prints a table and
+leaves TensorFlow's RNG algorithm on "auto_select", against
+`tf_moe.layers.dropout`, which names "philox"). Prints a table and
 writes JSON.
 
     KERAS_BACKEND=tensorflow python benchmarks/xla_step.py --json /tmp/xla_step.json
@@ -69,17 +69,18 @@ def dropout_cases():
     """The expert dropout's shape in the tiny LM's MoE blocks: [E, C, h]."""
     import tensorflow as tf
 
+    from tf_moe.layers import dropout as dropout_lib
+
     x = tf.ones((8, 640, 512))  # [E, C, h]
-    generator = keras.random.SeedGenerator(0)
-    seed = tf.Variable([3, 4], dtype=tf.int32)  # a seed XLA cannot fold, as in a train step
-    keras_dropout = lambda: keras.random.dropout(x, 0.1, seed=generator)  # noqa: E731
-    philox_dropout = lambda: tf.nn.experimental.stateless_dropout(  # noqa: E731
-        x, 0.1, seed=seed + 1, rng_alg="philox")
+    # SeedGenerators: seeds XLA cannot fold, as in a train step.
+    keras_seed, philox_seed = keras.random.SeedGenerator(0), keras.random.SeedGenerator(0)
+    keras_dropout = lambda: keras.random.dropout(x, 0.1, seed=keras_seed)  # noqa: E731
+    philox_dropout = lambda: dropout_lib.dropout(x, 0.1, philox_seed)  # noqa: E731
     return [
         ("keras.random.dropout [8,640,512]", keras_dropout, False),
         ("keras.random.dropout [8,640,512]", keras_dropout, True),
-        ("tf stateless_dropout philox", philox_dropout, False),
-        ("tf stateless_dropout philox", philox_dropout, True),
+        ("tf_moe dropout (philox)", philox_dropout, False),
+        ("tf_moe dropout (philox)", philox_dropout, True),
     ]
 
 

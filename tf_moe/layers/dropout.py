@@ -3,10 +3,10 @@
 Keras's TensorFlow backend draws dropout masks with TensorFlow's stateless
 RNG on its default algorithm, "auto_select". Under XLA on CPU, with a seed
 XLA cannot fold (a SeedGenerator's state, as in every train step), that
-expansion is 40-70x slower than without XLA (a [8, 640, 512] mask:
-2.4-3.3 s against 34-75 ms, `benchmarks/xla_step.py --cases=dropout`), and
+expansion is 40-100x slower than without XLA (a [8, 640, 512] mask:
+1.9-2.7 s against 26-29 ms, `benchmarks/xla_step.py --cases=dropout`), and
 it was most of the tiny Transformer-MoE step. Naming "philox" compiles to
-45-87 ms. No library option selects the algorithm, so this module does, in
+about 50 ms. No library option selects the algorithm, so this module does, in
 one place; on other backends it is `keras.random.dropout` unchanged.
 """
 
