@@ -160,6 +160,10 @@ class ConfigChecksTest(parameterized.TestCase):
             loop.check_workdir("")
         with self.assertRaisesRegex(ValueError, r"`data.corpus` must be a tfds dataset.*'nope'"):
             loop.corpus_builder("nope", None)
+        # The error lists every built-in corpus, the large one included.
+        with self.assertRaisesRegex(ValueError, r"'tf_moe_lm_en', 'tf_moe_lm_en_large', "
+                                                r"'tf_moe_translate_en_de'"):
+            loop.corpus_builder("nope", None)
 
     def test_corpus_not_prepared_in_data_dir(self):
         # A tfds corpus that is registered but not prepared in data.data_dir

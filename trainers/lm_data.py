@@ -171,7 +171,7 @@ def prepare_tfds_corpus(data, corpus, build_data, translation=False):
     from tf_moe.data import tokenizer as tokenizer_lib
 
     builder = loop.corpus_builder(corpus, data.data_dir)
-    built_in = (data_lib.TfMoeLmEn.name, data_lib.TfMoeTranslateEnDe.name)
+    built_in = data_lib.builders.BUILT_IN
     if build_data and corpus in built_in:
         builder.download_and_prepare()
     elif not builder.is_prepared():

@@ -269,7 +269,7 @@ def corpus_builder(name, data_dir):
     except tfds.core.registered.DatasetNotFoundError as error:
         from tf_moe import data as data_lib
 
-        built_in = (data_lib.TfMoeLmEn.name, data_lib.TfMoeTranslateEnDe.name)
+        built_in = data_lib.builders.BUILT_IN
         raise ConfigError(
             f"`data.corpus` must be a tfds dataset: one of the built-in corpora "
             f"{built_in}, or e.g. 'lm1b' / 'wmt14_translate/de-en' prepared in "

@@ -164,3 +164,7 @@ class TfMoeTranslateEnDe(_DebianCorpusBuilder):
     def _generate_examples(self, pairs):
         for index, (english, foreign) in enumerate(pairs):
             yield index, {"en": english, self.LANGUAGE: foreign}
+
+
+# Every built-in corpus, by tfds name: the trainers build these on first use.
+BUILT_IN = (TfMoeLmEn.name, TfMoeLmEnLarge.name, TfMoeTranslateEnDe.name)
