@@ -18,6 +18,9 @@ CONFIGS += [
     for size in list(lstm_moe_1b_word.FLAT) + list(lstm_moe_1b_word.HIERARCHICAL)
 ]
 
+FORWARD_CONFIGS = [c for name, c in CONFIGS if name == "flat_256"]
+HIERARCHICAL = [(name, c) for name, c in CONFIGS if c.model.hierarchical]
+
 SWEEP = [(f"sweep_{name}", lstm_moe_sweep.get_config(name)) for name in lstm_moe_sweep.NAMES]
 
 
@@ -39,8 +42,14 @@ class LstmMoeConfigsTest(parameterized.TestCase):
             self.assertEqual(moe.router.k, m.k)
             expected_fraction = m.k / m.num_experts
         self.assertAlmostEqual(moe.active_expert_fraction, expected_fraction)
-        logits = model(np.zeros((2, 6), "int32"))
-        self.assertEqual(tuple(logits.shape), (2, 6, 50))
+        self.assertEqual(tuple(model.output.shape), (None, 6, 50))
+        if any(config is c for c in FORWARD_CONFIGS):
+            # Eager forward passes compile every op per shape under JAX (most
+            # of this test's time): the flat config with the most experts runs
+            # one here; test_evaluation_is_causal_and_per_sequence runs the tiny
+            # and a hierarchical one.
+            logits = model(np.zeros((2, 6), "int32"))
+            self.assertEqual(tuple(logits.shape), (2, 6, 50))
 
     @parameterized.named_parameters(SWEEP)
     def test_sweep_config_builds_and_counts_its_ops(self, config):
@@ -97,7 +106,7 @@ class LstmMoeConfigsTest(parameterized.TestCase):
         with self.assertRaisesRegex(ValueError, r"name in \('dense'.*Received: name='moe8'"):
             lstm_moe_sweep.get_config("moe8")
 
-    @parameterized.named_parameters(CONFIGS[:1] + CONFIGS[-1:])
+    @parameterized.named_parameters(CONFIGS[:1] + HIERARCHICAL[:1])
     def test_evaluation_is_causal_and_per_sequence(self, config):
         """With the config's evaluation settings, logits at positions < t do
         not change when tokens >= t do, nor a sequence's when its batch-mates
