@@ -210,7 +210,8 @@ def _loss_gradients(layer, x):
             _, _, losses = _stateless(layer, values, x)
             return sum(losses)
 
-        grads = jax.grad(loss_fn)([v.value for v in trainable])
+        # One compiled program, not an eager compilation per op (JAX).
+        grads = jax.jit(jax.grad(loss_fn))([v.value for v in trainable])
     else:
         import tensorflow as tf
 
