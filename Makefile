@@ -6,6 +6,8 @@
 #   make train  - the main job: build the English corpus if missing, train the
 #                 tiny LSTM-MoE (trainers/lstm_moe.py), print test perplexity
 #   make demo   - python -m tf_moe.demo (synthetic task, about 15 s)
+#   make cuda   - the CUDA custom-call libraries (needs nvcc; installs the
+#                 nvidia-cutlass wheel's headers into .venv), in bazel-bin/
 #   make clean  - remove Bazel outputs and Python build artifacts
 #
 # Variables: TARGETS (default //tests/...), BAZEL_ARGS (extra bazel test args),
@@ -30,7 +32,7 @@ ALLOW_NO_TESTS ?= 0
 ARGS ?=
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: venv bazel test train demo clean distclean
+.PHONY: venv bazel test train demo cuda clean distclean
 
 venv: $(STAMP)
 
@@ -79,6 +81,16 @@ train: venv
 
 demo: venv
 	$(PY) -m tf_moe.demo $(ARGS)
+
+# CUTLASS is header-only C++: the wheel (no Python deps needed) carries the
+# headers that @local_cutlass points Bazel at.
+CUTLASS_WHEEL ?= nvidia-cutlass==4.2.0.0
+cuda: venv bazel
+	$(PY) -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('cutlass_library') is None)" \
+	  || $(PY) -m pip install --no-deps '$(CUTLASS_WHEEL)'
+	PATH="$(VENV_BIN):$$PATH" $(BAZEL) build --repo_env=TF_MOE_PYTHON="$(PY)" \
+	  //tf_moe/ops/cc:libtf_moe_ffi_cuda.so \
+	  //tf_moe/ops/cc_dropless:libtf_moe_dropless_ffi_cuda.so
 
 clean:
 	-command -v $(BAZEL) >/dev/null 2>&1 && $(BAZEL) clean

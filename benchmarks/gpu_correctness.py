@@ -12,10 +12,12 @@ and prints ||custom - einsum|| / ||einsum|| per quantity. Then checks that an
 out-of-range position raises (also with d = 0, where no data moves) (XlaRuntimeError / JaxRuntimeError) instead of
 writing out of bounds.
 
-Dropless mode: the CUDA grouped matmul (cuBLAS) against a float64 numpy
-per-segment reference (output, d rows, d kernel; empty experts, one expert
-for all rows, an unused tail, the transposed kernel), bad `group_sizes`
-raising, and a dropless `MoE` (custom_call, capacity_factor=None) against the
+Dropless mode: the CUDA grouped matmul, both the Hopper CUTLASS kernel
+(bfloat16, float16) and the cuBLAS GEMMs, against a float64 numpy
+per-segment reference (output, d rows, d kernel; random, skewed and tiny
+segments, empty experts, one expert for all rows, an unused tail, the
+transposed kernel; the tail and empty experts' d kernel exactly 0), bad
+`group_sizes` raising (deferred to the next call on the CUTLASS kernel), and a dropless `MoE` (custom_call, capacity_factor=None) against the
 gather `MoE` with C = S (outputs and gradients of a training step).
 Exit status 1 on any failure.
 
@@ -153,13 +155,26 @@ def check_out_of_range():
     return results
 
 
-# name: (group sizes, unused tail rows, a, b)
+_rng = np.random.default_rng(123)
+# name: (group sizes, unused tail rows, a, b). a and b are multiples of 8
+# (the CUTLASS kernel's condition) except in odd_dims (cuBLAS only).
 GROUPED_CASES = {
     "random": ([37, 0, 120, 5, 64, 1, 0, 29], 0, 256, 384),
     "tail": ([16, 16, 0, 40], 23, 128, 96),
     "one_expert": ([0, 0, 300, 0], 0, 64, 200),
     "odd_dims": ([3, 7, 11], 5, 37, 45),
+    # Zipf-like load over 64 experts, as a badly balanced router gives.
+    "skewed": ([int(v) for v in np.minimum(_rng.zipf(1.6, 64), 3000)], 0, 512, 1024),
+    # 256 experts, most of them empty or tiny, and a tail.
+    "many_experts": ([int(v) for v in _rng.integers(0, 40, 256) * (_rng.random(256) < 0.4)],
+                     17, 128, 256),
+    # Segments just under/over the 128-row tile, and widths off the 256 tile.
+    "partial_tiles": ([1, 127, 129, 255, 257, 0, 3], 0, 136, 200),
 }
+# TF_MOE_GROUPED_GEMM values checked: the Hopper kernel (16-bit types only)
+# and the cuBLAS per-expert GEMMs.
+GEMMS = {"float32": ("streams",), "bfloat16": ("cutlass", "streams"),
+         "float16": ("cutlass", "streams")}
 
 
 def layout_of(sizes, tail):
@@ -173,7 +188,8 @@ def layout_of(sizes, tail):
         row_owner=None, num_rows=n, tile=1)
 
 
-def check_grouped_case(name, dtype, seed):
+def check_grouped_case(name, dtype, seed, gemm):
+    os.environ["TF_MOE_GROUPED_GEMM"] = gemm  # read by the handler per call
     sizes, tail, a, b = GROUPED_CASES[name]
     layout = layout_of(sizes, tail)
     e, n = len(sizes), layout.num_rows
@@ -200,9 +216,16 @@ def check_grouped_case(name, dtype, seed):
         return grouped_matmul_lib.grouped_matmul(rows, kernel, layout, "custom_call")
 
     rows_t, kernel_t = jnp.asarray(rows, dtype), jnp.asarray(kernel, dtype)
-    out, vjp = jax.vjp(jax.jit(f), rows_t, kernel_t)
-    dr, dk = vjp(jnp.asarray(cot, dtype))
-    row = {"case": name, "dtype": dtype, "rows": n}
+    row = {"case": name, "dtype": dtype, "gemm": gemm, "rows": n}
+    try:
+        out, vjp = jax.vjp(jax.jit(f), rows_t, kernel_t)
+        dr, dk = vjp(jnp.asarray(cot, dtype))
+        jax.block_until_ready((out, dr, dk))
+    except Exception as error:  # noqa: BLE001 - a failed case, reported
+        print(f"  {name} {dtype} {gemm}: {type(error).__name__}: "
+              f"{str(error).splitlines()[0][:200]}")
+        row.update(out="error", grad_rows="error", grad_kernel="error", ok=False)
+        return row
     ok = True
     for key, got, want in (("out", out, want_out), ("grad_rows", dr, want_dr),
                            ("grad_kernel", dk, want_dk)):
@@ -218,25 +241,59 @@ def check_grouped_case(name, dtype, seed):
     return row
 
 
+def _bad_call(sizes, dtype):
+    layout = layout_of([4, 4, 4], 0)._replace(group_sizes=jnp.asarray(sizes, jnp.int32))
+    return jax.block_until_ready(jax.jit(
+        lambda r, k: grouped_matmul_lib.grouped_matmul(r, k, layout, "custom_call")
+    )(jnp.ones((12, 8), dtype), jnp.ones((3, 8, 8), dtype)))
+
+
+def _error(fn):
+    try:
+        fn()
+    except Exception as error:  # noqa: BLE001 - reporting the type
+        return f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"
+    return None
+
+
 def check_bad_group_sizes():
+    """Invalid group_sizes raise: at the call on cuBLAS (which reads them on
+    the host) and with TF_MOE_CHECK_GROUP_SIZES=sync; on the CUTLASS kernel
+    (which never waits for the host) the call writes zeros and the next call
+    on the device raises, once."""
     results = {}
+    good = layout_of([4, 4, 4], 0)
+    rows, kernel = jnp.ones((12, 8), jnp.bfloat16), jnp.ones((3, 8, 8), jnp.bfloat16)
+    good_fn = jax.jit(lambda r, k: grouped_matmul_lib.grouped_matmul(r, k, good, "custom_call"))
     for label, sizes in (("negative", [4, -1, 5]), ("sum > N", [8, 8, 8])):
-        layout = layout_of([4, 4, 4], 0)._replace(group_sizes=jnp.asarray(sizes, jnp.int32))
-        try:
-            jax.block_until_ready(jax.jit(
-                lambda r, k: grouped_matmul_lib.grouped_matmul(r, k, layout, "custom_call")
-            )(jnp.ones((12, 8)), jnp.ones((3, 8, 4))))
-            results[f"group_sizes {label}"] = "NO ERROR (bad)"
-        except Exception as error:  # noqa: BLE001 - reporting the type
-            results[f"group_sizes {label}"] = (
-                f"{type(error).__name__}: {str(error).splitlines()[0][:120]}")
+        for gemm, dtype, sync in (("streams", jnp.float32, ""), ("cutlass", jnp.bfloat16, "sync")):
+            os.environ["TF_MOE_GROUPED_GEMM"] = gemm
+            os.environ["TF_MOE_CHECK_GROUP_SIZES"] = sync
+            key = f"group_sizes {label} ({gemm}{', sync' if sync else ''})"
+            results[key] = _error(lambda: _bad_call(sizes, dtype)) or "NO ERROR (bad)"
+        os.environ["TF_MOE_GROUPED_GEMM"] = "cutlass"
+        os.environ["TF_MOE_CHECK_GROUP_SIZES"] = ""
+        key = f"group_sizes {label} (cutlass, deferred)"
+        out = _bad_call(sizes, jnp.bfloat16)
+        if bool(jnp.any(out != 0)):
+            results[key] = "NO ERROR (bad): the output of invalid sizes is not all 0"
+            continue
+        first = _error(lambda: jax.block_until_ready(good_fn(rows, kernel)))
+        second = _error(lambda: jax.block_until_ready(good_fn(rows, kernel)))
+        if first is None or "earlier" not in first or second is not None:
+            results[key] = f"NO ERROR (bad): next call {first!r}, the one after {second!r}"
+        else:
+            results[key] = f"zeros, then the next call: {first}"
+    os.environ.pop("TF_MOE_CHECK_GROUP_SIZES")
+    os.environ.pop("TF_MOE_GROUPED_GEMM")
     return results
 
 
-def check_dropless_moe(dtype):
+def check_dropless_moe(dtype, gemm):
     """Dropless MoE (custom_call, capacity None) == gather MoE with C = S."""
     from tf_moe.layers import MoE
 
+    os.environ["TF_MOE_GROUPED_GEMM"] = gemm
     policy = {"float32": "float32", "bfloat16": "mixed_bfloat16"}[dtype]
     x = jnp.asarray(np.random.default_rng(5).normal(size=(4, 256, 128)), jnp.float32)
     results = {}
@@ -257,7 +314,8 @@ def check_dropless_moe(dtype):
             (_, y), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(
                 trainable, x)
         results[path] = [y] + list(grads[0]) + [grads[1]]
-    row = {"case": "dropless_moe", "dtype": dtype}
+    os.environ.pop("TF_MOE_GROUPED_GEMM")
+    row = {"case": "dropless_moe", "dtype": dtype, "gemm": gemm}
     errors = [rel(np.asarray(a.astype(jnp.float32)), np.asarray(b.astype(jnp.float32)))
               for a, b in zip(results["custom_call"], results["gather"])]
     row["max_rel"] = max(errors)
@@ -289,14 +347,15 @@ def main():
     print("out-of-range indices:")
     for key, value in errors.items():
         print(f"  {key}: {value}")
-    grouped = [check_grouped_case(name, dtype, seed)
+    grouped = [check_grouped_case(name, dtype, seed, gemm)
                for dtype in ("float32", "bfloat16", "float16")
+               for gemm in GEMMS[dtype]
                for seed, name in enumerate(GROUPED_CASES)]
-    mode = os.environ.get("TF_MOE_GROUPED_GEMM", "per-expert GEMMs")
+    os.environ.pop("TF_MOE_GROUPED_GEMM")
     streams = os.environ.get("TF_MOE_GEMM_STREAMS", "8")
-    print(f"dropless grouped matmul ({mode}, TF_MOE_GEMM_STREAMS={streams}), "
-          "relative error vs float64 numpy")
-    header = ("case", "dtype", "rows", "out", "grad_rows", "grad_kernel", "ok")
+    print(f"dropless grouped matmul (gemm = TF_MOE_GROUPED_GEMM; "
+          f"TF_MOE_GEMM_STREAMS={streams}), relative error vs float64 numpy")
+    header = ("case", "dtype", "gemm", "rows", "out", "grad_rows", "grad_kernel", "ok")
     print(" ".join(f"{h:>11}" for h in header))
     for row in grouped:
         print(" ".join(
@@ -307,9 +366,10 @@ def main():
     for key, value in bad_sizes.items():
         print(f"  {key}: {value}")
     errors.update(bad_sizes)
-    moe_rows = [check_dropless_moe(dtype) for dtype in ("float32", "bfloat16")]
+    moe_rows = [check_dropless_moe(dtype, gemm) for dtype in ("float32", "bfloat16")
+                for gemm in GEMMS[dtype]]
     for row in moe_rows:
-        print(f"  dropless MoE vs gather (C = S), {row['dtype']}: max relative "
+        print(f"  dropless MoE vs gather (C = S), {row['dtype']}, {row['gemm']}: max relative "
               f"error {row['max_rel']:.2e} {'ok' if row['ok'] else 'FAIL'}")
     rows += grouped + moe_rows
     ok = all(row["ok"] for row in rows) and all(

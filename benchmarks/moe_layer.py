@@ -12,6 +12,8 @@ jax.jit (Keras-on-JAX, `stateless_call`). Rows:
     custom_call  MoE(dispatch="custom_call")
     dropless     MoE(dispatch="custom_call", capacity_factor=None): no
                  capacity buffers, grouped matmuls over expert segments
+    PATH@G       PATH with TF_MOE_GROUPED_GEMM=G (e.g. dropless@streams: the
+                 cuBLAS per-expert GEMMs instead of the CUTLASS kernel)
 
 Useful FLOPs = 12 * T * k * d * h (two matmuls, forward and twice backward),
 the same for every row; TFLOP/s = useful FLOPs / time. Capacity padding,
@@ -50,6 +52,8 @@ PRESETS = {
         ("medium", 8, 1024, 1024, 4096, 16, 2, 1.25, 1024, "bfloat16"),
         ("target", 16, 1024, 1024, 4096, 64, 2, 1.25, 1024, "bfloat16"),
         ("target_g4096", 16, 1024, 1024, 4096, 64, 2, 1.25, 4096, "bfloat16"),
+        ("target_e8", 16, 1024, 1024, 4096, 8, 2, 1.25, 1024, "bfloat16"),
+        ("target_e256", 16, 1024, 1024, 4096, 256, 2, 1.25, 1024, "bfloat16"),
     ],
 }
 PATHS = ("dense", "einsum", "gather", "custom_call", "dropless")
@@ -88,7 +92,7 @@ def build_layer(path, d, h, num_experts, k, capacity_factor, group_size, dtype):
     return layer
 
 
-def jax_step(layer, x, cotangent):
+def jax_step(layer, x, cotangent, repeat=1):
     import jax
     import jax.numpy as jnp
 
@@ -104,13 +108,15 @@ def jax_step(layer, x, cotangent):
 
     grad = jax.jit(jax.grad(loss_fn, argnums=(0, 1)))
 
-    def run():
+    def run():  # `repeat` steps dispatched back to back, one wait
+        for _ in range(repeat - 1):
+            grad(trainable, x)
         jax.block_until_ready(grad(trainable, x))
 
     return run
 
 
-def bench(size, paths, warmup, iters):
+def bench(size, paths, warmup, iters, repeat=1):
     name, batch, seq, d, h, num_experts, k, capacity_factor, group_size, dtype = size
     tokens = batch * seq
     rng = np.random.default_rng(0)
@@ -126,8 +132,12 @@ def bench(size, paths, warmup, iters):
         keras.utils.set_random_seed(0)
         layer = build_layer(path, d, h, num_experts, k, capacity_factor, group_size, dtype)
         layer.build((tokens, d))
-        run = (jax_step if BACKEND == "jax" else tf_grad_step)(layer, x, cotangent)
+        if BACKEND == "jax":
+            run = jax_step(layer, x, cotangent, repeat)
+        else:
+            run, repeat = tf_grad_step(layer, x, cotangent), 1
         median, best = time_step(run, warmup, iters)
+        median, best = median / repeat, best / repeat
         rows.append(
             {
                 "size": name,
@@ -187,15 +197,17 @@ def run_worker(size_name, path, args):
     an XLA check failure) does not take the others down."""
     import subprocess
 
+    base, _, gemm = path.partition("@")
+    env = dict(os.environ, **({"TF_MOE_GROUPED_GEMM": gemm} if gemm else {}))
     command = [
         sys.executable, os.path.abspath(__file__), "--preset", args.preset,
-        "--worker", f"{size_name}:{path}", "--warmup", str(args.warmup),
-        "--iters", str(args.iters),
+        "--worker", f"{size_name}:{base}", "--warmup", str(args.warmup),
+        "--iters", str(args.iters), "--repeat", str(args.repeat),
     ]
-    result = subprocess.run(command, capture_output=True, text=True)
+    result = subprocess.run(command, capture_output=True, text=True, env=env)
     for line in result.stdout.splitlines():
         if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
+            return dict(json.loads(line[len("RESULT "):]), path=path)
     tail = (result.stderr.strip().splitlines() or ["?"])[-1][:200]
     for line in result.stderr.splitlines():
         if "Check failed" in line or "Error" in line:
@@ -211,13 +223,16 @@ def main():
     parser.add_argument("--paths", default=",".join(PATHS))
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="JAX: steps per timed sample, dispatched back to back "
+                             "(times are per step; 1 = a wait after every step)")
     parser.add_argument("--json", default="moe_layer_benchmark.json")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     sizes = {s[0]: s for s in PRESETS[args.preset]}
     if args.worker:
         size_name, path = args.worker.split(":")
-        (row,) = bench(sizes[size_name], [path], args.warmup, args.iters)
+        (row,) = bench(sizes[size_name], [path], args.warmup, args.iters, args.repeat)
         print("RESULT " + json.dumps(row))
         return
     names = args.sizes.split(",") if args.sizes else list(sizes)
@@ -231,6 +246,7 @@ def main():
         "compile": "tf.function(jit_compile=True)" if BACKEND == "tensorflow" else "jax.jit",
         "warmup": args.warmup,
         "iters": args.iters,
+        "repeat": args.repeat,
         "statistic": "median",
     }
     print(json.dumps(info), flush=True)

@@ -1,23 +1,33 @@
 // Typed XLA FFI handlers (platform "CUDA") for the dropless grouped matmul
 // and its kernel adjoint: the same functions and signatures as the Host
-// handlers of grouped_matmul_ffi.cc, on cuBLAS.
+// handlers of grouped_matmul_ffi.cc.
 //
 //   out[start_e : start_e + m_e] = rows[start_e : start_e + m_e] @ K[e]
 //   dK[e] = rows[segment e]^T @ grad[segment e]
 //   start_e = m_0 + ... + m_{e-1}, m = group_sizes; rows past the last
 //   segment give 0, experts without rows get dK[e] = 0.
 //
-// Why cuBLAS and a host round trip: the segment sizes are device data, and
-// XLA has no grouped GEMM on GPU (`lax.ragged_dot` is lowered densely here).
-// Each call copies group_sizes [E] to the host (one small copy and a stream
-// synchronization, the same cost as the bounds check of the dispatch kernels),
-// validates them, and issues one GEMM per non-empty expert. One expert's GEMM
-// (a few hundred rows) fills only part of the GPU, so by default the GEMMs
-// are spread round-robin over 8 extra streams (fork/join with events on the
-// XLA stream; TF_MOE_GEMM_STREAMS=n sets n, 1 = all on the XLA stream).
-// TF_MOE_GROUPED_GEMM=grouped issues one `cublasGemmGroupedBatchedEx` launch
-// (cuBLAS >= 12.5) instead; measured slower (docs/benchmarks.md).
-// Accumulation is float32 (CUBLAS_COMPUTE_32F, no TF32).
+// Two implementations; TF_MOE_GROUPED_GEMM picks one:
+// - `cutlass` (where it applies: bfloat16/float16 on compute capability 9.0,
+//   a and b multiples of 8; opt-in until checked on a GPU, see
+//   CutlassEnabled): one CUTLASS 3 grouped GEMM over
+//   all experts' tiles with the segment sizes read on the device
+//   (grouped_gemm_sm90.h), so the call never waits for the host. Invalid
+//   group_sizes cannot be rejected before the kernels run: they then write
+//   zeros and raise a per-device flag that the next call on that device
+//   reports as an InvalidArgument error (TF_MOE_CHECK_GROUP_SIZES=sync
+//   checks every call synchronously, at the cost of a stream
+//   synchronization).
+// - `streams` (the default, and float32, other GPUs, other sizes): cuBLAS.
+//   group_sizes [E]
+//   are copied to the host (one small copy and a stream synchronization, the
+//   same cost as the bounds check of the dispatch kernels) and validated,
+//   and one GEMM per non-empty expert is issued, spread round-robin over 8
+//   extra streams (fork/join with events on the XLA stream;
+//   TF_MOE_GEMM_STREAMS=n sets n, 1 = all on the XLA stream). `grouped`
+//   issues one `cublasGemmGroupedBatchedEx` launch (cuBLAS >= 12.5)
+//   instead; measured slower (docs/benchmarks.md).
+// Accumulation is float32 in both (CUBLAS_COMPUTE_32F, no TF32).
 //
 // cuBLAS is not linked: it is found at run time in the process (JAX's XLA
 // has loaded libcublas.so.12 by the time a handler runs) with dlopen, so the
@@ -46,6 +56,7 @@
 #include <vector>
 
 #include "tf_moe/ops/cc/ffi_common.h"
+#include "tf_moe/ops/cc_dropless/grouped_gemm_sm90.h"
 #include "tf_moe/ops/cc_dropless/grouped_matmul_checks.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -352,6 +363,113 @@ ffi::Error RunGemms(cudaStream_t stream, ffi::ScratchAllocator& scratch,
   return ffi::Error::Success();
 }
 
+// --- the CUTLASS kernel (sm90) --------------------------------------------------
+
+// TF_MOE_GROUPED_GEMM: "streams" (default) or "grouped" (cuBLAS), or
+// "cutlass". Read on every call, so a process can switch. The CUTLASS kernel
+// becomes the default once benchmarks/gpu_correctness.py has passed with it
+// on a GPU (docs/status.md, issue 12).
+ffi::Error CutlassEnabled(bool* enabled) {
+  const char* mode = std::getenv("TF_MOE_GROUPED_GEMM");
+  *enabled = mode != nullptr && std::strcmp(mode, "cutlass") == 0;
+  if (mode == nullptr || *enabled || std::strcmp(mode, "streams") == 0 ||
+      std::strcmp(mode, "grouped") == 0) {
+    return ffi::Error::Success();
+  }
+  return ffi::Error::InvalidArgument(
+      std::string("tf_moe: TF_MOE_GROUPED_GEMM must be one of cutlass, "
+                  "streams, grouped (or unset). Received: ") + mode);
+}
+
+// Read on every call (like TF_MOE_GROUPED_GEMM), so a process can switch.
+bool SyncChecks() {
+  const char* mode = std::getenv("TF_MOE_CHECK_GROUP_SIZES");
+  return mode != nullptr && std::strcmp(mode, "sync") == 0;
+}
+
+// Per device, an int in mapped host memory that the table kernel sets when
+// group_sizes are invalid (read here without synchronizing the stream).
+ffi::Error InvalidSizesFlag(int device, int** host, int** dev) {
+  static std::mutex mutex;
+  static std::unordered_map<int, std::pair<int*, int*>> flags;
+  std::lock_guard<std::mutex> lock(mutex);
+  auto it = flags.find(device);
+  if (it == flags.end()) {
+    int* h = nullptr;
+    int* d = nullptr;
+    if (cudaHostAlloc(&h, sizeof(int), cudaHostAllocMapped) != cudaSuccess ||
+        cudaHostGetDevicePointer(&d, h, 0) != cudaSuccess) {
+      return ffi::Error::Internal("tf_moe: allocating the group_sizes flag failed");
+    }
+    *h = 0;
+    it = flags.emplace(device, std::make_pair(h, d)).first;
+  }
+  *host = it->second.first;
+  *dev = it->second.second;
+  return ffi::Error::Success();
+}
+
+// The error of an earlier call's invalid group_sizes, once.
+ffi::Error ReportEarlierInvalidSizes(int* host_flag) {
+  auto* flag = reinterpret_cast<volatile int*>(host_flag);
+  if (*flag == 0) return ffi::Error::Success();
+  *flag = 0;
+  return ffi::Error::InvalidArgument(
+      "tf_moe: an earlier grouped matmul on this GPU received invalid "
+      "`group_sizes` (a negative size, or sizes summing past the number of "
+      "rows N); its outputs were set to 0. Set TF_MOE_CHECK_GROUP_SIZES=sync "
+      "to stop at that call with the values.");
+}
+
+// Runs `g` with the CUTLASS kernel if it applies (*ran = true), else leaves
+// it to cuBLAS (*ran = false). g.out, g.rows and g.other are set by the caller.
+ffi::Error RunCutlass(cudaStream_t stream, ffi::ScratchAllocator& scratch,
+                      ffi::DataType dtype,
+                      const ffi::Buffer<ffi::S32>& group_sizes,
+                      sm90::GroupedGemm g, bool* ran) {
+  *ran = false;
+  bool enabled;
+  if (auto e = CutlassEnabled(&enabled); !e.success()) return e;
+  if (!enabled || (dtype != ffi::BF16 && dtype != ffi::F16)) {
+    return ffi::Error::Success();
+  }
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) {
+    return ffi::Error::Internal("tf_moe: cudaGetDevice failed");
+  }
+  g.element = dtype == ffi::BF16 ? sm90::Element::kBFloat16 : sm90::Element::kFloat16;
+  g.group_sizes = group_sizes.typed_data();
+  g.num_experts = group_sizes.dimensions()[0];
+  if (!sm90::Supported(g, device)) return ffi::Error::Success();
+  int* host_flag;
+  if (auto e = InvalidSizesFlag(device, &host_flag, &g.error_flag); !e.success()) {
+    return e;
+  }
+  if (auto e = ReportEarlierInvalidSizes(host_flag); !e.success()) return e;
+  if (SyncChecks()) {
+    Segments seg;
+    if (auto e = ReadGroupSizes(stream, group_sizes, g.num_rows, &seg);
+        !e.success()) {
+      return e;
+    }
+  }
+  // XLA's scratch allocator takes alignments up to 16 bytes; the table wants
+  // 256 (TMA descriptors: 64), so over-allocate and align here.
+  const size_t bytes = sm90::ScratchBytes(g, device);
+  auto memory = scratch.Allocate(bytes + 256, 16);
+  if (!memory.has_value()) {
+    return ffi::Error::Internal("tf_moe: cannot allocate " +
+                                std::to_string(bytes + 256) +
+                                " bytes of CUDA scratch memory");
+  }
+  const uintptr_t address = reinterpret_cast<uintptr_t>(*memory);
+  void* aligned = reinterpret_cast<void*>((address + 255) / 256 * 256);
+  std::string error = sm90::Run(g, device, aligned, stream);
+  if (!error.empty()) return ffi::Error::Internal("tf_moe: " + error);
+  *ran = true;
+  return ffi::Error::Success();
+}
+
 // --- handlers ----------------------------------------------------------------
 
 // The cuBLAS type and element size of `rows`, and the checked segments.
@@ -376,6 +494,20 @@ ffi::Error GroupedMatmulCuda(cudaStream_t stream, ffi::ScratchAllocator scratch,
   }
   auto r = rows.dimensions();
   auto o = out->dimensions();
+  sm90::GroupedGemm g{};
+  g.op = transpose_kernel != 0 ? sm90::GroupedGemmOp::kRowsTimesKernelT
+                               : sm90::GroupedGemmOp::kRowsTimesKernel;
+  g.rows = rows.untyped_data();
+  g.other = kernel.untyped_data();
+  g.num_rows = r[0];
+  g.a = r[1];
+  g.b = o[1];
+  g.out = out->untyped_data();
+  bool ran;
+  if (auto e = RunCutlass(stream, scratch, rows.element_type(), group_sizes, g, &ran);
+      !e.success() || ran) {
+    return e;
+  }
   cudaDataType type;
   size_t bytes;
   Segments seg;
@@ -402,6 +534,19 @@ ffi::Error GroupedMatmulKernelGradCuda(
   }
   auto r = rows.dimensions();
   auto g = grad.dimensions();
+  sm90::GroupedGemm gemm{};
+  gemm.op = sm90::GroupedGemmOp::kKernelGrad;
+  gemm.rows = rows.untyped_data();
+  gemm.other = grad.untyped_data();
+  gemm.num_rows = r[0];
+  gemm.a = r[1];
+  gemm.b = g[1];
+  gemm.out = kernel_grad->untyped_data();
+  bool ran;
+  if (auto e = RunCutlass(stream, scratch, rows.element_type(), group_sizes, gemm, &ran);
+      !e.success() || ran) {
+    return e;
+  }
   cudaDataType type;
   size_t bytes;
   Segments seg;
@@ -438,6 +583,38 @@ ffi::Error GroupedMatmulGradCuda(
   }
   auto r = rows.dimensions();
   auto g = grad.dimensions();
+  // CUTLASS: d rows = grad @ K_e^T, then dK, two grouped GEMMs on the stream.
+  sm90::GroupedGemm d_rows_gemm{};
+  d_rows_gemm.op = sm90::GroupedGemmOp::kRowsTimesKernelT;
+  d_rows_gemm.rows = grad.untyped_data();
+  d_rows_gemm.other = kernel.untyped_data();
+  d_rows_gemm.num_rows = r[0];
+  d_rows_gemm.a = g[1];
+  d_rows_gemm.b = r[1];
+  d_rows_gemm.out = rows_grad->untyped_data();
+  sm90::GroupedGemm d_kernel_gemm{};
+  d_kernel_gemm.op = sm90::GroupedGemmOp::kKernelGrad;
+  d_kernel_gemm.rows = rows.untyped_data();
+  d_kernel_gemm.other = grad.untyped_data();
+  d_kernel_gemm.num_rows = r[0];
+  d_kernel_gemm.a = r[1];
+  d_kernel_gemm.b = g[1];
+  d_kernel_gemm.out = kernel_grad->untyped_data();
+  int device = 0;
+  cudaGetDevice(&device);
+  d_rows_gemm.num_experts = d_kernel_gemm.num_experts = group_sizes.dimensions()[0];
+  if (sm90::Supported(d_rows_gemm, device) && sm90::Supported(d_kernel_gemm, device)) {
+    bool ran;
+    if (auto e = RunCutlass(stream, scratch, rows.element_type(), group_sizes,
+                            d_rows_gemm, &ran);
+        !e.success()) {
+      return e;
+    }
+    if (ran) {
+      return RunCutlass(stream, scratch, rows.element_type(), group_sizes,
+                        d_kernel_gemm, &ran);
+    }
+  }
   cudaDataType type;
   size_t bytes;
   Segments seg;

@@ -1,0 +1,355 @@
+// CUTLASS 3 grouped GEMM for the dropless expert FFNs on Hopper; see
+// grouped_gemm_sm90.h for the contract.
+//
+// Why CUTLASS and not cuBLAS: cuBLAS's grouped GEMM takes the problem sizes
+// on the host (so every call waited for group_sizes, and one expert's GEMM of
+// a few hundred rows under-filled the GPU). CUTLASS's sm90 grouped kernel
+// reads per-group problem shapes and pointers from device memory and runs
+// one persistent grid over all groups' tiles. A small kernel builds that
+// table from group_sizes (a prefix sum) on the stream, just before it.
+//
+// Layouts (CUTLASS names the K x N matrix B's layout; all buffers are
+// row-major in memory):
+//   kRowsTimesKernel   M = m_e, N = b, K = a: A rows_e (K-major), B = K_e
+//                      [a, b] (N-major, "RowMajor"), D [m_e, b].
+//   kRowsTimesKernelT  the same with K_e [b, a]: B is K-major ("ColumnMajor").
+//   kKernelGrad        M = a, N = b, K = m_e (ragged): A = rows_e^T
+//                      (M-major, "ColumnMajor"), B = grad_e (N-major), D = dK_e.
+// Empty experts get M = 0 (no tiles); their dK_e is zeroed by ZeroExperts.
+
+#include "tf_moe/ops/cc_dropless/grouped_gemm_sm90.h"
+
+#include <cub/block/block_scan.cuh>
+
+#include <mutex>
+#include <unordered_map>
+
+#include "cute/tensor.hpp"
+#include "cutlass/cutlass.h"
+#include "cutlass/epilogue/collective/collective_builder.hpp"
+#include "cutlass/epilogue/fusion/operations.hpp"
+#include "cutlass/gemm/collective/collective_builder.hpp"
+#include "cutlass/gemm/device/gemm_universal_adapter.h"
+#include "cutlass/gemm/dispatch_policy.hpp"
+#include "cutlass/gemm/group_array_problem_shape.hpp"
+#include "cutlass/gemm/kernel/gemm_universal.hpp"
+#include "cutlass/util/packed_stride.hpp"
+
+namespace tf_moe {
+namespace sm90 {
+namespace {
+
+using namespace cute;  // NOLINT: CuTe's shape vocabulary (Shape, _128, ...)
+
+using ProblemShape = cutlass::gemm::GroupProblemShape<Shape<int, int, int>>;
+using UnderlyingShape = typename ProblemShape::UnderlyingProblemShape;
+using RowMajor = cutlass::layout::RowMajor;
+using ColumnMajor = cutlass::layout::ColumnMajor;
+
+// One kernel configuration: the cooperative schedule (two consumer
+// warpgroups share a 128 x 256 tile), C not read (ElementC = void), a 2 x 1
+// cluster so that two M tiles share (multicast) the B tile of their expert.
+template <class T, class LayoutA, class LayoutB>
+struct Config {
+  using TileShape = Shape<_128, _256, _64>;
+  using ClusterShape = Shape<_2, _1, _1>;
+  static constexpr int kAlignment = 8;  // 16 bytes of 16-bit elements
+
+  using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape,
+      ClusterShape, cutlass::epilogue::collective::EpilogueTileAuto, float,
+      float, void, RowMajor*, kAlignment, T, RowMajor*, kAlignment,
+      cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative,
+      cutlass::epilogue::fusion::LinearCombination<T, float, void, float>>::
+      CollectiveOp;
+
+  using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, T, LayoutA*,
+      kAlignment, T, LayoutB*, kAlignment, float, TileShape, ClusterShape,
+      cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(
+          sizeof(typename Epilogue::SharedStorage))>,
+      cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperative>::CollectiveOp;
+
+  using Kernel =
+      cutlass::gemm::kernel::GemmUniversal<ProblemShape, Mainloop, Epilogue>;
+  using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
+  using StrideA = typename Kernel::InternalStrideA;
+  using StrideB = typename Kernel::InternalStrideB;
+  using StrideD = typename Kernel::InternalStrideD;
+};
+
+// The per-group table the kernel reads, in scratch memory.
+template <class C, class T>
+struct Table {
+  UnderlyingShape* shapes;
+  const T** a;
+  const T** b;
+  T** d;
+  typename C::StrideA* stride_a;
+  typename C::StrideB* stride_b;
+  typename C::StrideD* stride_d;
+  int64_t* used;  // rows in segments (0 when group_sizes are invalid)
+};
+
+constexpr size_t Align(size_t n) { return (n + 255) / 256 * 256; }
+
+template <class C, class T>
+size_t TableBytes(int64_t e) {
+  return Align(e * sizeof(UnderlyingShape)) + 3 * Align(e * sizeof(void*)) +
+         Align(e * sizeof(typename C::StrideA)) +
+         Align(e * sizeof(typename C::StrideB)) +
+         Align(e * sizeof(typename C::StrideD)) + Align(sizeof(int64_t));
+}
+
+template <class C, class T>
+Table<C, T> CarveTable(char* p, int64_t e) {
+  Table<C, T> t;
+  auto take = [&p](size_t bytes) { char* q = p; p += Align(bytes); return q; };
+  t.shapes = reinterpret_cast<UnderlyingShape*>(take(e * sizeof(UnderlyingShape)));
+  t.a = reinterpret_cast<const T**>(take(e * sizeof(void*)));
+  t.b = reinterpret_cast<const T**>(take(e * sizeof(void*)));
+  t.d = reinterpret_cast<T**>(take(e * sizeof(void*)));
+  t.stride_a = reinterpret_cast<typename C::StrideA*>(take(e * sizeof(typename C::StrideA)));
+  t.stride_b = reinterpret_cast<typename C::StrideB*>(take(e * sizeof(typename C::StrideB)));
+  t.stride_d = reinterpret_cast<typename C::StrideD*>(take(e * sizeof(typename C::StrideD)));
+  t.used = reinterpret_cast<int64_t*>(take(sizeof(int64_t)));
+  return t;
+}
+
+constexpr int kTableThreads = 1024;
+
+// Builds the table from group_sizes: segment starts by a block-wide prefix
+// sum (each thread scans a run of experts), then one problem per expert.
+// On invalid sizes every problem is empty, `used` is 0 and *error_flag = 1.
+template <class C, class T>
+__global__ void __launch_bounds__(kTableThreads)
+BuildTable(GroupedGemmOp op, const int32_t* __restrict__ sizes, int64_t e,
+           int64_t n, int64_t a, int64_t b, const T* rows, const T* other,
+           T* out, Table<C, T> t, int* error_flag) {
+  using Scan = cub::BlockScan<int64_t, kTableThreads>;
+  __shared__ typename Scan::TempStorage scan_storage;
+  const int64_t per_thread = (e + kTableThreads - 1) / kTableThreads;
+  const int64_t first = threadIdx.x * per_thread;
+  const int64_t last = min(first + per_thread, e);
+  int64_t local = 0;
+  bool negative = false;
+  for (int64_t i = first; i < last; ++i) {
+    local += sizes[i];
+    negative |= sizes[i] < 0;
+  }
+  int64_t start, total;
+  Scan(scan_storage).ExclusiveSum(local, start, total);
+  const bool invalid = __syncthreads_or(negative) || total > n;
+  if (threadIdx.x == 0) {
+    *t.used = invalid ? 0 : total;
+    if (invalid) *reinterpret_cast<volatile int*>(error_flag) = 1;
+  }
+  for (int64_t i = first; i < last; ++i) {
+    const int m = invalid ? 0 : sizes[i];
+    switch (op) {
+      case GroupedGemmOp::kRowsTimesKernel:
+      case GroupedGemmOp::kRowsTimesKernelT:
+        t.shapes[i] = UnderlyingShape(m, int(b), int(a));
+        t.a[i] = rows + start * a;
+        t.b[i] = other + i * a * b;
+        t.d[i] = out + start * b;
+        t.stride_a[i] = cutlass::make_cute_packed_stride(
+            typename C::StrideA{}, make_shape(m, int(a), 1));
+        t.stride_b[i] = cutlass::make_cute_packed_stride(
+            typename C::StrideB{}, make_shape(int(b), int(a), 1));
+        t.stride_d[i] = cutlass::make_cute_packed_stride(
+            typename C::StrideD{}, make_shape(m, int(b), 1));
+        break;
+      case GroupedGemmOp::kKernelGrad:
+        // An expert without rows has no tiles (M = 0), not a K = 0 GEMM.
+        t.shapes[i] = UnderlyingShape(m == 0 ? 0 : int(a), int(b), m);
+        t.a[i] = rows + start * a;
+        t.b[i] = other + start * b;
+        t.d[i] = out + i * a * b;
+        t.stride_a[i] = cutlass::make_cute_packed_stride(
+            typename C::StrideA{}, make_shape(int(a), m, 1));
+        t.stride_b[i] = cutlass::make_cute_packed_stride(
+            typename C::StrideB{}, make_shape(int(b), m, 1));
+        t.stride_d[i] = cutlass::make_cute_packed_stride(
+            typename C::StrideD{}, make_shape(int(a), int(b), 1));
+        break;
+    }
+    start += m;
+  }
+}
+
+// out[used:, :] = 0 for out [n, width] (16-byte stores; width % 8 == 0).
+__global__ void ZeroTail(const int64_t* __restrict__ used, int64_t n,
+                         int64_t width, uint4* out) {
+  const int64_t vectors = n * width / 8;
+  const uint4 zero = make_uint4(0, 0, 0, 0);
+  for (int64_t i = *used * width / 8 + blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+       i < vectors; i += int64_t(gridDim.x) * blockDim.x) {
+    out[i] = zero;
+  }
+}
+
+// dK_e = 0 for experts without rows (all of them if the sizes were invalid):
+// blockIdx.y is the expert, blocks of non-empty experts return at once.
+__global__ void ZeroExperts(const int32_t* __restrict__ sizes,
+                            const int64_t* __restrict__ used,
+                            int64_t expert_vectors, uint4* out) {
+  const int64_t e = blockIdx.y;
+  if (sizes[e] != 0 && *used != 0) return;
+  const uint4 zero = make_uint4(0, 0, 0, 0);
+  uint4* expert = out + e * expert_vectors;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+       i < expert_vectors; i += int64_t(gridDim.x) * blockDim.x) {
+    expert[i] = zero;
+  }
+}
+
+int SmCount(int device) {
+  static std::mutex mutex;
+  static std::unordered_map<int, int> counts;
+  std::lock_guard<std::mutex> lock(mutex);
+  auto it = counts.find(device);
+  if (it == counts.end()) {
+    it = counts.emplace(device,
+                        cutlass::KernelHardwareInfo::query_device_multiprocessor_count(device))
+             .first;
+  }
+  return it->second;
+}
+
+template <class C, class T>
+typename C::Gemm::Arguments MakeArguments(const GroupedGemm& g, int device,
+                                          const Table<C, T>& t) {
+  cutlass::KernelHardwareInfo hw;
+  hw.device_id = device;
+  hw.sm_count = SmCount(device);
+  typename C::Gemm::Arguments args{
+      cutlass::gemm::GemmUniversalMode::kGrouped,
+      {static_cast<int>(g.num_experts), t.shapes, nullptr},
+      {t.a, t.stride_a, t.b, t.stride_b},
+      {{}, nullptr, t.stride_d, t.d, t.stride_d},
+      hw};
+  args.epilogue.thread.alpha = 1.0f;
+  args.epilogue.thread.beta = 0.0f;
+  return args;
+}
+
+template <class C, class T>
+size_t ScratchBytesFor(const GroupedGemm& g, int device) {
+  Table<C, T> t{};
+  return TableBytes<C, T>(g.num_experts) +
+         Align(C::Gemm::get_workspace_size(MakeArguments<C, T>(g, device, t)));
+}
+
+template <class C, class T>
+std::string RunFor(const GroupedGemm& g, int device, void* scratch,
+                   cudaStream_t stream) {
+  char* base = static_cast<char*>(scratch);
+  Table<C, T> t = CarveTable<C, T>(base, g.num_experts);
+  void* workspace = base + TableBytes<C, T>(g.num_experts);
+  const T* rows = static_cast<const T*>(g.rows);
+  const T* other = static_cast<const T*>(g.other);
+  T* out = static_cast<T*>(g.out);
+  BuildTable<C, T><<<1, kTableThreads, 0, stream>>>(
+      g.op, g.group_sizes, g.num_experts, g.num_rows, g.a, g.b, rows, other,
+      out, t, g.error_flag);
+  const int sms = SmCount(device);
+  if (g.op == GroupedGemmOp::kKernelGrad) {
+    const int64_t expert_vectors = g.a * g.b / 8;
+    const int64_t blocks = std::min<int64_t>((expert_vectors + 255) / 256, 64);
+    ZeroExperts<<<dim3(blocks, g.num_experts), 256, 0, stream>>>(
+        g.group_sizes, t.used, expert_vectors, static_cast<uint4*>(g.out));
+  } else {
+    ZeroTail<<<2 * sms, 256, 0, stream>>>(t.used, g.num_rows, g.b,
+                                          static_cast<uint4*>(g.out));
+  }
+  if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) {
+    return std::string("launching the grouped GEMM's table kernels failed: ") +
+           cudaGetErrorString(e);
+  }
+  typename C::Gemm gemm;
+  auto args = MakeArguments<C, T>(g, device, t);
+  if (gemm.can_implement(args) != cutlass::Status::kSuccess) {
+    return "CUTLASS cannot run this grouped GEMM (alignment)";
+  }
+  if (auto s = gemm.initialize(args, workspace, stream);
+      s != cutlass::Status::kSuccess) {
+    return std::string("CUTLASS grouped GEMM initialize failed: ") +
+           cutlassGetStatusString(s);
+  }
+  if (auto s = gemm.run(stream); s != cutlass::Status::kSuccess) {
+    return std::string("CUTLASS grouped GEMM launch failed: ") +
+           cutlassGetStatusString(s) + " (" +
+           cudaGetErrorString(cudaGetLastError()) + ")";
+  }
+  return "";
+}
+
+// The three kernels of one element type T, by op.
+template <class T>
+using ForwardConfig = Config<T, RowMajor, RowMajor>;
+template <class T>
+using TransposedConfig = Config<T, RowMajor, ColumnMajor>;
+template <class T>
+using KernelGradConfig = Config<T, ColumnMajor, RowMajor>;
+
+template <class T>
+size_t ScratchBytesOf(const GroupedGemm& g, int device) {
+  switch (g.op) {
+    case GroupedGemmOp::kRowsTimesKernel:
+      return ScratchBytesFor<ForwardConfig<T>, T>(g, device);
+    case GroupedGemmOp::kRowsTimesKernelT:
+      return ScratchBytesFor<TransposedConfig<T>, T>(g, device);
+    case GroupedGemmOp::kKernelGrad:
+      break;
+  }
+  return ScratchBytesFor<KernelGradConfig<T>, T>(g, device);
+}
+
+template <class T>
+std::string RunOf(const GroupedGemm& g, int device, void* scratch,
+                  cudaStream_t stream) {
+  switch (g.op) {
+    case GroupedGemmOp::kRowsTimesKernel:
+      return RunFor<ForwardConfig<T>, T>(g, device, scratch, stream);
+    case GroupedGemmOp::kRowsTimesKernelT:
+      return RunFor<TransposedConfig<T>, T>(g, device, scratch, stream);
+    case GroupedGemmOp::kKernelGrad:
+      break;
+  }
+  return RunFor<KernelGradConfig<T>, T>(g, device, scratch, stream);
+}
+
+bool Aligned(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+}  // namespace
+
+bool Supported(const GroupedGemm& g, int device) {
+  int major = 0, minor = 0;
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) != cudaSuccess) {
+    return false;
+  }
+  constexpr int64_t kMax = (int64_t{1} << 31) - 1;
+  // (num_experts is ZeroExperts' grid height, at most 65535.)
+  return major == 9 && minor == 0 && g.num_experts > 0 &&
+         g.num_experts <= 65535 && g.a > 0 && g.b > 0 &&
+         g.a % 8 == 0 && g.b % 8 == 0 && g.num_rows < kMax && g.a < kMax &&
+         g.b < kMax && Aligned(g.rows) && Aligned(g.other) && Aligned(g.out);
+}
+
+size_t ScratchBytes(const GroupedGemm& g, int device) {
+  return g.element == Element::kBFloat16
+             ? ScratchBytesOf<cutlass::bfloat16_t>(g, device)
+             : ScratchBytesOf<cutlass::half_t>(g, device);
+}
+
+std::string Run(const GroupedGemm& g, int device, void* scratch,
+                cudaStream_t stream) {
+  return g.element == Element::kBFloat16
+             ? RunOf<cutlass::bfloat16_t>(g, device, scratch, stream)
+             : RunOf<cutlass::half_t>(g, device, scratch, stream);
+}
+
+}  // namespace sm90
+}  // namespace tf_moe
