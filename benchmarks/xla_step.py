@@ -23,7 +23,7 @@ import numpy as np
 # The repository root, for `configs` (not an installed package).
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from configs import transformer_moe_tiny_lm  # noqa: E402
+from configs import transformer_moe_tiny_lm, transformer_moe_tiny_translate  # noqa: E402
 from tf_moe import layers, models, routing  # noqa: E402
 
 VOCAB, LENGTH, BATCH, STEPS = 8000, 64, 32, 6
@@ -39,13 +39,19 @@ def step_ms(model, inputs, targets, jit_compile):
     model.fit(inputs, targets, batch_size=BATCH, epochs=1, verbose=0, steps_per_epoch=2)
     start = time.perf_counter()
     model.fit(inputs, targets, batch_size=BATCH, epochs=1, verbose=0)
-    return (time.perf_counter() - start) / (len(inputs) // BATCH) * 1e3
+    return (time.perf_counter() - start) / (len(targets) // BATCH) * 1e3
 
 
 def transformer(moe_every, dispatch):
     config = transformer_moe_tiny_lm.get_config().model
     config.moe_every, config.dispatch = moe_every, dispatch
     return models.build_decoder_lm(VOCAB, LENGTH, config)
+
+
+def translation():
+    """The tiny translation config's encoder-decoder (2 + 2 blocks, MoE in every other)."""
+    config = transformer_moe_tiny_translate.get_config().model
+    return models.build_encoder_decoder(VOCAB, LENGTH, config, pad_id=0)
 
 
 def moe_only(dispatch):
@@ -89,23 +95,34 @@ def main():
     parser.add_argument("--json", default="xla_step.json")
     parser.add_argument("--cases", choices=("all", "models", "dropout"), default="all",
                         help="the model steps, the dropout cases, or both")
+    parser.add_argument("--steps", type=int, default=STEPS,
+                        help="timed steps per model (after 2 untimed)")
+    parser.add_argument("--models", default=None,
+                        help="comma-separated substrings: only the model rows whose "
+                             "name contains one (e.g. gather,translation)")
     args = parser.parse_args()
     rng = np.random.default_rng(0)
-    tokens = rng.integers(4, VOCAB, (BATCH * STEPS, LENGTH))
-    floats = rng.normal(size=(BATCH * STEPS, LENGTH, 128)).astype("float32")
+    tokens = rng.integers(4, VOCAB, (BATCH * args.steps, LENGTH))
+    floats = rng.normal(size=(BATCH * args.steps, LENGTH, 128)).astype("float32")
+    pairs = {"source": tokens, "target_in": tokens}
     cases = [
         ("transformer, MoE blocks, gather", lambda: transformer(2, "gather"), tokens, False),
         ("transformer, MoE blocks, gather", lambda: transformer(2, "gather"), tokens, True),
         ("transformer, MoE blocks, einsum", lambda: transformer(2, "einsum"), tokens, True),
         ("transformer, no MoE block", lambda: transformer(100, "gather"), tokens, True),
         ("one MoE layer, gather", lambda: moe_only("gather"), floats, True),
+        ("translation, MoE blocks", translation, pairs, False),
+        ("translation, MoE blocks", translation, pairs, True),
     ]
+    if args.models:
+        cases = [c for c in cases if any(m in c[0] for m in args.models.split(","))]
     rows = []
     if args.cases != "dropout":
         for name, build, data, jit in cases:
             keras.utils.set_random_seed(0)
+            targets = tokens if isinstance(data, dict) else data
             rows.append({"model": name, "jit_compile": jit,
-                         "ms_per_step": step_ms(build(), data, data, jit)})
+                         "ms_per_step": step_ms(build(), data, targets, jit)})
             print(f"{name:34s} jit_compile={str(jit):5s} {rows[-1]['ms_per_step']:8.0f} ms/step",
                   flush=True)
     if args.cases != "models" and keras.backend.backend() == "tensorflow":
@@ -114,7 +131,10 @@ def main():
             print(f"{name:34s} jit_compile={str(jit):5s} {rows[-1]['ms_per_step']:8.1f} ms/call",
                   flush=True)
     with open(args.json, "w") as f:
-        json.dump({"backend": keras.backend.backend(), "rows": rows}, f, indent=2)
+        json.dump({"backend": keras.backend.backend(), "steps": args.steps,
+                   "machine": f"{os.cpu_count()} cores, load average "
+                              f"{os.getloadavg()[0]:.1f} at the end",
+                   "rows": rows}, f, indent=2)
 
 
 if __name__ == "__main__":

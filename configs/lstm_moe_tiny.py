@@ -50,7 +50,7 @@ def get_config():
         learning_rate=2e-3,
         warmup_steps=100,
         log_every=20,
-        jit_compile=True,
+        jit_compile=config_dict.placeholder(bool),  # None: XLA (Keras's default)
         dtype_policy="float32",    # or mixed_bfloat16 / mixed_float16 (GPUs, TPUs)
     ))
     return config

@@ -69,7 +69,7 @@ def get_config():
         learning_rate=1e-3,
         warmup_steps=200,
         log_every=20,
-        jit_compile=config_dict.placeholder(bool),  # None: XLA except TF on CPU
+        jit_compile=config_dict.placeholder(bool),  # None: XLA (Keras's default)
         dtype_policy="float32",    # or mixed_bfloat16 / mixed_float16 (GPUs, TPUs)
     ))
     config.eval = config_dict.ConfigDict(dict(

@@ -24,6 +24,7 @@ import numpy as np  # noqa: E402
 from absl.testing import absltest, parameterized  # noqa: E402
 
 import tf_moe  # noqa: E402
+from trainers import loop  # noqa: E402
 from expert_parallel_worker import B, D, H, L, build, fit, model_config  # noqa: E402
 
 # One strategy for the module: a second MirroredStrategy in the process got
@@ -42,6 +43,18 @@ def aux_losses(model):
 
 
 class MirroredTest(parameterized.TestCase):
+    def test_trainers_leave_xla_off_on_cpu_replicas(self):
+        """train.jit_compile unset: XLA on one device, none under the
+        2-CPU strategy; an explicit True there is a config error naming it."""
+        self.assertIs(loop.resolve_jit_compile(None), True)
+        self.assertIs(loop.resolve_jit_compile(False), False)
+        with STRATEGY.scope():
+            self.assertIs(loop.resolve_jit_compile(None), False)
+            self.assertIs(loop.resolve_jit_compile(False), False)
+            with self.assertRaisesRegex(loop.ConfigError,
+                                        r"train\.jit_compile.*Received: train\.jit_compile=True"):
+                loop.resolve_jit_compile(True)
+
     @parameterized.named_parameters(("gather", "gather"), ("custom_call", "custom_call"))
     def test_transformer_matches_one_device(self, dispatch):
         # Strong aux losses, so that a wrong one shows in every weight.

@@ -211,6 +211,41 @@ def set_dtype_policy(train):
     keras.config.set_dtype_policy(name)
 
 
+def resolve_jit_compile(jit_compile):
+    """`train.jit_compile` for `model.compile`, inside the strategy's scope.
+
+    None (unset) means XLA, Keras's own default, on every backend and
+    device, except under a TensorFlow strategy over several CPU devices
+    (`--strategy=mirrored --cpu_devices=n`, CPU workers): XLA compiles each
+    replica's step for one CPU and then finds the other replicas' variables
+    on other devices (TensorFlow's "tf.Variable on a different device", see
+    https://www.tensorflow.org/xla/known_issues), so there no XLA, and an
+    explicit True is refused. (Until 2026-12-03 None also meant no XLA on
+    TF on CPU: dropout's random numbers made the compiled step 5-10x slower;
+    with `tf_moe.layers.dropout`, Philox, it is as fast as the plain graph or
+    faster. docs/status.md, Issue 4; benchmarks/xla_step.py.)
+    """
+    if keras.backend.backend() == "tensorflow" and _replicas_on_cpus():
+        if jit_compile:
+            raise ConfigError(
+                "`train.jit_compile=True` cannot run under a TensorFlow strategy over "
+                "several CPU devices: XLA finds each replica's variables on another "
+                "device. Set train.jit_compile=False or leave it unset. Received: "
+                "train.jit_compile=True"
+            )
+        return False
+    return True if jit_compile is None else bool(jit_compile)
+
+
+def _replicas_on_cpus():
+    import tensorflow as tf  # TF backend only
+
+    strategy = tf.distribute.get_strategy()
+    if strategy.num_replicas_in_sync == 1:  # (the default strategy has no worker_devices)
+        return False
+    return all("CPU" in device.upper() for device in strategy.extended.worker_devices)
+
+
 def check_train_config(train):
     """Raises ValueError naming the first invalid `train.*` field."""
     for name in ("steps", "checkpoint_every", "batch_size", "keep_checkpoints", "log_every"):

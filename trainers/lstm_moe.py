@@ -50,7 +50,7 @@ def main(argv):
             optimizer=loop.make_optimizer(config.train),
             loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
             metrics=[loop.Perplexity()],
-            jit_compile=config.train.jit_compile,
+            jit_compile=loop.resolve_jit_compile(config.train.jit_compile),
         )
     tokens_per_step = config.train.batch_size * config.data.sequence_length
     result = loop.fit(model, data.make_train, config, _WORKDIR.value, tokens_per_step)

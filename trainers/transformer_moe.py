@@ -113,20 +113,6 @@ def make_datasets(config):
     return data, split
 
 
-def resolve_jit_compile(jit_compile):
-    """`train.jit_compile`, with None meaning: XLA, except on the TensorFlow
-    backend without a GPU or TPU, where the XLA-compiled training step of
-    these models measured about 10x slower than the plain graph (CPU, 2
-    cores: 4-6 s vs 0.5 s per step of the tiny translation config)."""
-    if jit_compile is not None:
-        return jit_compile
-    if keras.backend.backend() != "tensorflow":
-        return True
-    import tensorflow as tf
-
-    return bool(tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("TPU"))
-
-
 def build_model(config, vocab_size):
     """The compiled model of `config.task`."""
     if config.task == "lm":
@@ -148,7 +134,7 @@ def build_model(config, vocab_size):
         optimizer=loop.make_optimizer(config.train),
         loss=loss,
         metrics=[perplexity],
-        jit_compile=resolve_jit_compile(config.train.jit_compile),
+        jit_compile=loop.resolve_jit_compile(config.train.jit_compile),
     )
     return model
 
