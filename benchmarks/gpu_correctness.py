@@ -274,7 +274,12 @@ def check_bad_group_sizes():
         os.environ["TF_MOE_GROUPED_GEMM"] = "cutlass"
         os.environ["TF_MOE_CHECK_GROUP_SIZES"] = ""
         key = f"group_sizes {label} (cutlass, deferred)"
-        out = _bad_call(sizes, jnp.bfloat16)
+        try:
+            out = _bad_call(sizes, jnp.bfloat16)
+        except Exception as error:  # noqa: BLE001 - a synchronous check ran instead
+            results[key] = (f"UNEXPECTED: raised at the call, so the CUTLASS kernel did not "
+                            f"run: {str(error).splitlines()[0][:100]}")
+            continue
         if bool(jnp.any(out != 0)):
             results[key] = "NO ERROR (bad): the output of invalid sizes is not all 0"
             continue
@@ -373,7 +378,7 @@ def main():
               f"error {row['max_rel']:.2e} {'ok' if row['ok'] else 'FAIL'}")
     rows += grouped + moe_rows
     ok = all(row["ok"] for row in rows) and all(
-        "NO ERROR" not in str(v) for v in errors.values()
+        "NO ERROR" not in str(v) and "UNEXPECTED" not in str(v) for v in errors.values()
     )
     print("ALL OK" if ok else "FAILURES")
     if args.json:
