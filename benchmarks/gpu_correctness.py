@@ -9,8 +9,10 @@ capacity 1, k = E), compares under jax.jit:
     d combine / d combine_weight (on routed choices; exactly 0 elsewhere),
 
 and prints ||custom - einsum|| / ||einsum|| per quantity. Then checks that an
-out-of-range position raises (also with d = 0, where no data moves) (XlaRuntimeError / JaxRuntimeError) instead of
-writing out of bounds.
+out-of-range position raises (also with d = 0, where no data moves)
+(XlaRuntimeError / JaxRuntimeError) instead of writing out of bounds, and
+that with TF_MOE_CHECK_ROUTING=deferred the call returns and the next one
+raises, once.
 
 Dropless mode: the CUDA grouped matmul, both the Hopper CUTLASS kernel
 (bfloat16, float16) and the cuBLAS GEMMs, against a float64 numpy
@@ -128,6 +130,14 @@ def check_case(name, dtype, seed):
     return row
 
 
+def _error(fn):
+    try:
+        fn()
+    except Exception as error:  # noqa: BLE001 - reporting the type
+        return f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"
+    return None
+
+
 def check_out_of_range():
     """A bad position raises an error on the GPU path (and nothing crashes)."""
     routing = make_routing(dict(k=2), 2, 16, 32, 4, 8, 0.0, seed=0)
@@ -150,6 +160,27 @@ def check_out_of_range():
             except Exception as error:  # noqa: BLE001 - reporting the type
                 message = str(error).splitlines()[0][:120]
                 results[key] = f"{type(error).__name__}: {message}"
+    # TF_MOE_CHECK_ROUTING=deferred: the bad call returns (its bad choice
+    # skipped), the next call on the device raises, once.
+    os.environ["TF_MOE_CHECK_ROUTING"] = "deferred"
+    bad = np.asarray(routing.position).copy()
+    bad[g, s, j] = 8
+    bad_routing = routing._replace(position=jnp.asarray(bad))
+    dispatch_fn = dispatch_lib.DISPATCHERS["custom_call"][0]
+    x = jnp.ones((2, 16, 32))
+    key = "dispatch position=8, TF_MOE_CHECK_ROUTING=deferred"
+    try:
+        jax.block_until_ready(jax.jit(lambda a: dispatch_fn(a, bad_routing))(x))
+        good = jax.jit(lambda a: dispatch_fn(a, routing))
+        first = _error(lambda: jax.block_until_ready(good(x)))
+        second = _error(lambda: jax.block_until_ready(good(x)))
+        if first is None or "earlier" not in first or second is not None:
+            results[key] = f"NO ERROR (bad): next call {first!r}, the one after {second!r}"
+        else:
+            results[key] = f"no error, then the next call: {first}"
+    except Exception as error:  # noqa: BLE001 - the deferred mode did not run
+        results[key] = f"UNEXPECTED: raised at the call: {str(error).splitlines()[0][:100]}"
+    os.environ.pop("TF_MOE_CHECK_ROUTING")
     # The device is still usable afterwards.
     results["after errors, 1 + 1 ="] = float(jax.jit(lambda a: a + 1)(jnp.ones(())))
     return results
@@ -246,14 +277,6 @@ def _bad_call(sizes, dtype):
     return jax.block_until_ready(jax.jit(
         lambda r, k: grouped_matmul_lib.grouped_matmul(r, k, layout, "custom_call")
     )(jnp.ones((12, 8), dtype), jnp.ones((3, 8, 8), dtype)))
-
-
-def _error(fn):
-    try:
-        fn()
-    except Exception as error:  # noqa: BLE001 - reporting the type
-        return f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"
-    return None
 
 
 def check_bad_group_sizes():

@@ -11,8 +11,10 @@
 #           with einshape, pydantic, pydantic-core, annotated-types,
 #           typing-inspection, typing-extensions, qwix, tensorboardX,
 #           immutabledict (docs/benchmarks.md says how they were fetched)
-# run: bash benchmarks/gpu_grouped_gemm.sh [quick]
-# "quick" runs the correctness script and E = 64 only.
+# run: bash benchmarks/gpu_grouped_gemm.sh [quick|matmul|layer]
+# All of it takes about 10 minutes, a device call's limit: split it.
+# "quick": the correctness script and E = 64 only; "matmul": the correctness
+# script and the grouped matmul at all three E; "layer": the MoE layer only.
 set -o pipefail
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
@@ -25,6 +27,7 @@ export TF_MOE_OPS_DIR=${TF_MOE_OPS_DIR:-$PWD/.cuda}
 nvidia-smi --query-gpu=name,clocks.sm,utilization.gpu,memory.used --format=csv
 quiet() { grep -v "^I0000\|^W0000\|^{"; }
 
+if [ "$1" != layer ]; then
 timeout 300 python3 benchmarks/gpu_correctness.py --json "$OUT/correctness.json" \
   > "$OUT/correctness.log" 2>&1
 echo "correctness rc=$?"
@@ -39,9 +42,13 @@ for e in $experts; do
     --repeat 10 --implementations dense,custom_call:cutlass,custom_call:streams,tokamax \
     --json "$OUT/grouped_matmul_e$e.json" 2>&1 | quiet | tail -6
 done
-[ "$1" = quick ] && exit 0
+fi
+[ "$1" = quick ] || [ "$1" = matmul ] && exit 0
 
-sizes=target,target_e8,target_e256
-timeout 400 python3 benchmarks/moe_layer.py --preset gpu --sizes "$sizes" \
-  --paths dense,custom_call,dropless@streams,dropless@cutlass --warmup 3 --iters 10 \
-  --repeat 5 --json "$OUT/moe_layer.json" 2>&1 | quiet | tail -16
+# (Each row is its own process: about 20-30 s of start-up and compilation.)
+timeout 300 python3 benchmarks/moe_layer.py --preset gpu --sizes target \
+  --paths dense,custom_call,custom_call@deferred,dropless@streams,dropless@cutlass,dropless@cutlass+deferred \
+  --warmup 3 --iters 10 --repeat 5 --json "$OUT/moe_layer_target.json" 2>&1 | quiet | tail -8
+timeout 300 python3 benchmarks/moe_layer.py --preset gpu --sizes target_e8,target_e256 \
+  --paths dense,dropless@streams,dropless@cutlass+deferred \
+  --warmup 3 --iters 10 --repeat 5 --json "$OUT/moe_layer_e8_e256.json" 2>&1 | quiet | tail -8

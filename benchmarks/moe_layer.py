@@ -12,8 +12,10 @@ jax.jit (Keras-on-JAX, `stateless_call`). Rows:
     custom_call  MoE(dispatch="custom_call")
     dropless     MoE(dispatch="custom_call", capacity_factor=None): no
                  capacity buffers, grouped matmuls over expert segments
-    PATH@G       PATH with TF_MOE_GROUPED_GEMM=G (e.g. dropless@streams: the
-                 cuBLAS per-expert GEMMs instead of the CUTLASS kernel)
+    PATH@O[+O]   PATH with options: cutlass/streams/grouped set
+                 TF_MOE_GROUPED_GEMM (dropless@cutlass: the Hopper grouped
+                 GEMM), sync/deferred set TF_MOE_CHECK_ROUTING
+                 (custom_call@deferred: no stream sync per dispatch/combine)
 
 Useful FLOPs = 12 * T * k * d * h (two matmuls, forward and twice backward),
 the same for every row; TFLOP/s = useful FLOPs / time. Capacity padding,
@@ -197,8 +199,16 @@ def run_worker(size_name, path, args):
     an XLA check failure) does not take the others down."""
     import subprocess
 
-    base, _, gemm = path.partition("@")
-    env = dict(os.environ, **({"TF_MOE_GROUPED_GEMM": gemm} if gemm else {}))
+    base, _, options = path.partition("@")
+    env = dict(os.environ)
+    for option in filter(None, options.split("+")):
+        if option in ("cutlass", "streams", "grouped"):
+            env["TF_MOE_GROUPED_GEMM"] = option
+        elif option in ("sync", "deferred"):
+            env["TF_MOE_CHECK_ROUTING"] = option
+        else:
+            raise ValueError(f"path option must be one of cutlass, streams, grouped, sync, "
+                             f"deferred. Received: {option!r} in path {path!r}")
     command = [
         sys.executable, os.path.abspath(__file__), "--preset", args.preset,
         "--worker", f"{size_name}:{base}", "--warmup", str(args.warmup),

@@ -5,10 +5,17 @@
 // loads and stores where the row allows it. Every routed choice's
 // (expert, position) is checked on the device: a bad one is skipped (nothing
 // is written out of bounds) and recorded (with d = 0, where those kernels do
-// not run, ValidateRoutingKernel checks the choices alone); the handler then
-// reads the record back (one 8-byte copy and a stream synchronization per
-// call) and returns InvalidArgument with the same message as the CPU
-// handlers.
+// not run, ValidateRoutingKernel checks the choices alone). The record is
+// reported in one of two ways (TF_MOE_CHECK_ROUTING, read on every call):
+// - "sync" (default): the handler reads it back (one 8-byte copy and a
+//   stream synchronization per call) and returns InvalidArgument with the
+//   same message as the CPU handlers.
+// - "deferred": a one-thread kernel copies the first bad choice into a
+//   per-device record in mapped host memory, and the next dispatch/combine
+//   call on that device (a host read, no synchronization) returns the
+//   InvalidArgument error, once. The routers' choices are in range by
+//   construction, so a training step need not stall on every call; opt-in
+//   until benchmarks/gpu_correctness.py has passed with it on a GPU.
 //
 // Targets (JAX: jax.ffi.register_ffi_target(name, pycapsule, platform="CUDA")):
 //   tf_moe_dispatch      TfMoeDispatchCuda
@@ -24,7 +31,12 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <mutex>
 #include <string>
+#include <unordered_map>
+#include <utility>
 
 #include "tf_moe/ops/cc/dispatch_core.h"
 #include "tf_moe/ops/cc/ffi_common.h"
@@ -250,6 +262,22 @@ ffi::ErrorOr<unsigned long long*> NewErrorFlag(ffi::ScratchAllocator& scratch,
   return flag;
 }
 
+// The CPU handlers' message for bad routed choice `first` (flat index into
+// [G, S, k]) holding (expert, position), of a routing shaped like r.
+std::string BadChoiceMessage(int64_t first, int32_t expert, int32_t position,
+                             int64_t group_size, int64_t k, int64_t num_experts,
+                             int64_t capacity) {
+  const bool one_true = true;
+  RoutingView single{&expert, &position, &one_true, 1, 1, 1, num_experts,
+                     capacity};
+  std::string message = ValidateRouting(single);
+  const std::string where = "[" + std::to_string(first / (k * group_size)) +
+                            ", " + std::to_string((first / k) % group_size) +
+                            ", " + std::to_string(first % k) + "]";
+  message.replace(message.find("[0, 0, 0]"), 9, where);
+  return message;
+}
+
 // Reads the flag back (synchronizes the stream); the CPU handlers' message
 // for the first bad routed choice.
 ffi::Error CheckErrorFlag(const unsigned long long* flag, const RoutingView& r,
@@ -265,17 +293,93 @@ ffi::Error CheckErrorFlag(const unsigned long long* flag, const RoutingView& r,
              cudaMemcpyDeviceToHost);
   cudaMemcpy(&c_value, r.position + first, sizeof(int32_t),
              cudaMemcpyDeviceToHost);
-  const bool one_true = true;
-  const int32_t one_e = e_value, one_c = c_value;
-  RoutingView single{&one_e, &one_c, &one_true, 1, 1, 1,
-                     r.num_experts, r.capacity};
-  std::string message = ValidateRouting(single);
-  const int64_t i = static_cast<int64_t>(first);
-  const std::string where = "[" + std::to_string(i / (r.k * r.group_size)) +
-                            ", " + std::to_string((i / r.k) % r.group_size) +
-                            ", " + std::to_string(i % r.k) + "]";
-  message.replace(message.find("[0, 0, 0]"), 9, where);
-  return ffi::Error::InvalidArgument("tf_moe: " + message);
+  return ffi::Error::InvalidArgument(
+      "tf_moe: " + BadChoiceMessage(static_cast<int64_t>(first), e_value, c_value,
+                                    r.group_size, r.k, r.num_experts, r.capacity));
+}
+
+// --- deferred checks (TF_MOE_CHECK_ROUTING=deferred) --------------------------
+
+bool DeferredChecks() {
+  const char* mode = std::getenv("TF_MOE_CHECK_ROUTING");
+  return mode != nullptr && std::strcmp(mode, "deferred") == 0;
+}
+
+// The first bad choice of an earlier call, in mapped host memory.
+struct BadChoiceRecord {
+  int set;  // written last
+  int32_t expert, position;
+  int64_t index, group_size, k, num_experts, capacity;
+};
+
+// Per device: the record's host and device pointers.
+ffi::Error BadChoiceRecordFor(BadChoiceRecord** host, BadChoiceRecord** dev) {
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) {
+    return ffi::Error::Internal("tf_moe: cudaGetDevice failed");
+  }
+  static std::mutex mutex;
+  static std::unordered_map<int, std::pair<BadChoiceRecord*, BadChoiceRecord*>> records;
+  std::lock_guard<std::mutex> lock(mutex);
+  auto it = records.find(device);
+  if (it == records.end()) {
+    BadChoiceRecord* h = nullptr;
+    BadChoiceRecord* d = nullptr;
+    if (cudaHostAlloc(&h, sizeof(BadChoiceRecord), cudaHostAllocMapped) != cudaSuccess ||
+        cudaHostGetDevicePointer(&d, h, 0) != cudaSuccess) {
+      return ffi::Error::Internal("tf_moe: allocating the routing-check record failed");
+    }
+    std::memset(h, 0, sizeof(BadChoiceRecord));
+    it = records.emplace(device, std::make_pair(h, d)).first;
+  }
+  *host = it->second.first;
+  *dev = it->second.second;
+  return ffi::Error::Success();
+}
+
+// Copies this call's first bad choice (if any, and if none is pending) into
+// the record.
+__global__ void RecordBadChoice(const unsigned long long* flag, RoutingView r,
+                                BadChoiceRecord* record) {
+  const unsigned long long first = *flag;
+  volatile BadChoiceRecord* out = record;
+  if (first == kNoError || out->set) return;
+  out->index = static_cast<int64_t>(first);
+  out->expert = r.expert_index[first];
+  out->position = r.position[first];
+  out->group_size = r.group_size;
+  out->k = r.k;
+  out->num_experts = r.num_experts;
+  out->capacity = r.capacity;
+  __threadfence_system();
+  out->set = 1;
+}
+
+// At the start of a call: the error of an earlier call's bad choice, once.
+ffi::Error ReportEarlierBadChoice() {
+  if (!DeferredChecks()) return ffi::Error::Success();
+  BadChoiceRecord *host, *dev;
+  if (auto e = BadChoiceRecordFor(&host, &dev); !e.success()) return e;
+  volatile BadChoiceRecord* record = host;
+  if (record->set == 0) return ffi::Error::Success();
+  const std::string message = BadChoiceMessage(
+      record->index, record->expert, record->position, record->group_size,
+      record->k, record->num_experts, record->capacity);
+  record->set = 0;
+  return ffi::Error::InvalidArgument(
+      "tf_moe: an earlier dispatch/combine call on this GPU had a bad routed "
+      "choice (skipped: its rows were left 0): " + message +
+      " (TF_MOE_CHECK_ROUTING=sync stops at that call)");
+}
+
+// At the end of a call: the synchronous check, or the deferred record.
+ffi::Error FinishCheck(const unsigned long long* flag, const RoutingView& r,
+                       cudaStream_t stream) {
+  if (!DeferredChecks()) return CheckErrorFlag(flag, r, stream);
+  BadChoiceRecord *host, *dev;
+  if (auto e = BadChoiceRecordFor(&host, &dev); !e.success()) return e;
+  RecordBadChoice<<<1, 1, 0, stream>>>(flag, r, dev);
+  return CudaError("routing record launch");
 }
 
 // Calls fn(T{}, N) for the buffer dtype's CUDA type and vector width.
@@ -313,6 +417,7 @@ ffi::Error DispatchCuda(cudaStream_t stream, ffi::ScratchAllocator scratch,
       !e.success()) {
     return e;
   }
+  if (auto e = ReportEarlierBadChoice(); !e.success()) return e;
   auto flag = NewErrorFlag(scratch, stream);
   if (flag.has_error()) return flag.error();
   cudaMemsetAsync(out->untyped_data(), 0, out->size_bytes(), stream);
@@ -337,7 +442,7 @@ ffi::Error DispatchCuda(cudaStream_t stream, ffi::ScratchAllocator scratch,
     return e;
   }
   if (auto e = CudaError("dispatch launch"); !e.success()) return e;
-  return CheckErrorFlag(*flag, r, stream);
+  return FinishCheck(*flag, r, stream);
 }
 
 ffi::Error CombineCuda(cudaStream_t stream, ffi::ScratchAllocator scratch,
@@ -353,6 +458,7 @@ ffi::Error CombineCuda(cudaStream_t stream, ffi::ScratchAllocator scratch,
       !e.success()) {
     return e;
   }
+  if (auto e = ReportEarlierBadChoice(); !e.success()) return e;
   auto flag = NewErrorFlag(scratch, stream);
   if (flag.has_error()) return flag.error();
   const int64_t tokens = r.groups * r.group_size;
@@ -371,7 +477,7 @@ ffi::Error CombineCuda(cudaStream_t stream, ffi::ScratchAllocator scratch,
   } else if (auto e = LaunchValidateRouting(r, stream, *flag); !e.success()) {
     return e;
   }
-  return CheckErrorFlag(*flag, r, stream);
+  return FinishCheck(*flag, r, stream);
 }
 
 ffi::Error CombineGradCuda(cudaStream_t stream, ffi::ScratchAllocator scratch,
@@ -392,6 +498,7 @@ ffi::Error CombineGradCuda(cudaStream_t stream, ffi::ScratchAllocator scratch,
       !e.success()) {
     return e;
   }
+  if (auto e = ReportEarlierBadChoice(); !e.success()) return e;
   auto flag = NewErrorFlag(scratch, stream);
   if (flag.has_error()) return flag.error();
   cudaMemsetAsync(grad_expert_outputs->untyped_data(), 0,
@@ -416,7 +523,7 @@ ffi::Error CombineGradCuda(cudaStream_t stream, ffi::ScratchAllocator scratch,
   } else if (auto e = LaunchValidateRouting(r, stream, *flag); !e.success()) {
     return e;
   }
-  return CheckErrorFlag(*flag, r, stream);
+  return FinishCheck(*flag, r, stream);
 }
 
 // FFI binding: the context (stream, scratch memory), then the op's
