@@ -39,7 +39,8 @@ for e in $experts; do
   echo "grouped matmul alone, E=$e"
   timeout 150 python3 benchmarks/grouped_matmul.py --rows 32768 --a 1024 --b 4096 \
     --experts "$e" --dtype bfloat16 --sizes_mode uniform --warmup 3 --iters 15 \
-    --repeat 10 --implementations dense,custom_call:cutlass,custom_call:streams,tokamax \
+    --repeat 10 --implementations \
+    dense,custom_call:cutlass,custom_call:cutlass+2x1,custom_call:streams,tokamax \
     --json "$OUT/grouped_matmul_e$e.json" 2>&1 | quiet | tail -6
 done
 fi
@@ -47,7 +48,7 @@ fi
 
 # (Each row is its own process: about 20-30 s of start-up and compilation.)
 timeout 300 python3 benchmarks/moe_layer.py --preset gpu --sizes target \
-  --paths dense,custom_call,custom_call@deferred,dropless@streams,dropless@cutlass,dropless@cutlass+deferred \
+  --paths dense,custom_call,custom_call@deferred,dropless@streams,dropless@cutlass+deferred,dropless@cutlass+2x1+deferred \
   --warmup 3 --iters 10 --repeat 5 --json "$OUT/moe_layer_target.json" 2>&1 | quiet | tail -8
 timeout 300 python3 benchmarks/moe_layer.py --preset gpu --sizes target_e8,target_e256 \
   --paths dense,dropless@streams,dropless@cutlass+deferred \

@@ -8,8 +8,8 @@ rows and kernel), compiled (TF `tf.function(jit_compile=True)`, JAX
     dense         one [N, a] @ [a, b] matmul: the same FLOPs, no grouping
     custom_call   tf_moe's custom call (on CUDA: TF_MOE_GROUPED_GEMM's
                   default, the CUTLASS kernel on Hopper for 16-bit types)
-    custom_call:G the same with TF_MOE_GROUPED_GEMM=G (cutlass, streams,
-                  grouped)
+    custom_call:O[+O] the same with options: cutlass, streams, grouped set
+                  TF_MOE_GROUPED_GEMM; 1x2, 2x1 TF_MOE_CUTLASS_CLUSTER
     reference     a per-tile weight gather (memory N / tile * a * b)
     ragged_dot    jax.lax.ragged_dot (JAX)
     tokamax       tokamax.ragged_dot where installed (JAX)
@@ -57,6 +57,20 @@ def layout_of(sizes, tile):
         num_rows=int(sum(sizes)),
         tile=tile,
     )
+
+
+def option_env(options):
+    """"cutlass+2x1" -> {TF_MOE_GROUPED_GEMM: cutlass, TF_MOE_CUTLASS_CLUSTER: 2x1}."""
+    env = {}
+    for option in filter(None, options.split("+")):
+        if option in ("cutlass", "streams", "grouped"):
+            env["TF_MOE_GROUPED_GEMM"] = option
+        elif option in ("1x2", "2x1"):
+            env["TF_MOE_CUTLASS_CLUSTER"] = option
+        else:
+            raise ValueError("implementation options must be among cutlass, streams, "
+                             f"grouped, 1x2, 2x1. Received: {option!r}")
+    return env
 
 
 def forward_fn(implementation, layout):
@@ -172,8 +186,8 @@ def main():
     results = []
     for implementation in implementations:
         row = {"implementation": implementation}
-        if ":" in implementation:
-            os.environ["TF_MOE_GROUPED_GEMM"] = implementation.split(":")[1]
+        env = option_env(implementation.partition(":")[2])
+        os.environ.update(env)
         try:
             for name, backward in (("fwd_ms", False), ("fwd_bwd_ms", True)):
                 run = step(implementation, layout, backward)
@@ -186,7 +200,8 @@ def main():
             results.append(row)
             continue
         finally:
-            os.environ.pop("TF_MOE_GROUPED_GEMM", None)
+            for name in env:
+                os.environ.pop(name)
         row["fwd_tflops"] = flops / row["fwd_ms"] / 1e9
         row["fwd_bwd_tflops"] = 3 * flops / row["fwd_bwd_ms"] / 1e9
         results.append(row)

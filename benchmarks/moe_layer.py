@@ -15,7 +15,8 @@ jax.jit (Keras-on-JAX, `stateless_call`). Rows:
     PATH@O[+O]   PATH with options: cutlass/streams/grouped set
                  TF_MOE_GROUPED_GEMM (dropless@cutlass: the Hopper grouped
                  GEMM), sync/deferred set TF_MOE_CHECK_ROUTING
-                 (custom_call@deferred: no stream sync per dispatch/combine)
+                 (custom_call@deferred: no stream sync per dispatch/combine),
+                 1x2/2x1 set TF_MOE_CUTLASS_CLUSTER
 
 Useful FLOPs = 12 * T * k * d * h (two matmuls, forward and twice backward),
 the same for every row; TFLOP/s = useful FLOPs / time. Capacity padding,
@@ -206,9 +207,11 @@ def run_worker(size_name, path, args):
             env["TF_MOE_GROUPED_GEMM"] = option
         elif option in ("sync", "deferred"):
             env["TF_MOE_CHECK_ROUTING"] = option
+        elif option in ("1x2", "2x1"):
+            env["TF_MOE_CUTLASS_CLUSTER"] = option
         else:
             raise ValueError(f"path option must be one of cutlass, streams, grouped, sync, "
-                             f"deferred. Received: {option!r} in path {path!r}")
+                             f"deferred, 1x2, 2x1. Received: {option!r} in path {path!r}")
     command = [
         sys.executable, os.path.abspath(__file__), "--preset", args.preset,
         "--worker", f"{size_name}:{base}", "--warmup", str(args.warmup),

@@ -47,12 +47,17 @@ using RowMajor = cutlass::layout::RowMajor;
 using ColumnMajor = cutlass::layout::ColumnMajor;
 
 // One kernel configuration: the cooperative schedule (two consumer
-// warpgroups share a 128 x 256 tile), C not read (ElementC = void), a 2 x 1
-// cluster so that two M tiles share (multicast) the B tile of their expert.
-template <class T, class LayoutA, class LayoutB>
+// warpgroups share a 128 x 256 tile), C not read (ElementC = void), and a
+// cluster of two CTAs that share (multicast) one operand tile: 1 x 2 (the
+// default) pairs two N tiles of the same rows, so a segment of <= 128 rows
+// (an expert's M) leaves no CTA of the pair idle; 2 x 1 pairs two M tiles
+// and shares the larger weight tile, but idles half a cluster on an
+// expert's last, odd M tile. Which wins is measured on the GPU
+// (benchmarks/gpu_grouped_gemm.sh; TF_MOE_CUTLASS_CLUSTER).
+template <class T, class LayoutA, class LayoutB, int kClusterM>
 struct Config {
   using TileShape = Shape<_128, _256, _64>;
-  using ClusterShape = Shape<_2, _1, _1>;
+  using ClusterShape = Shape<Int<kClusterM>, Int<3 - kClusterM>, _1>;
   static constexpr int kAlignment = 8;  // 16 bytes of 16-bit elements
 
   using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
@@ -285,39 +290,33 @@ std::string RunFor(const GroupedGemm& g, int device, void* scratch,
   return "";
 }
 
-// The three kernels of one element type T, by op.
-template <class T>
-using ForwardConfig = Config<T, RowMajor, RowMajor>;
-template <class T>
-using TransposedConfig = Config<T, RowMajor, ColumnMajor>;
-template <class T>
-using KernelGradConfig = Config<T, ColumnMajor, RowMajor>;
-
-template <class T>
+// The three kernels of one element type T and cluster, by op.
+template <class T, int kClusterM>
 size_t ScratchBytesOf(const GroupedGemm& g, int device) {
   switch (g.op) {
     case GroupedGemmOp::kRowsTimesKernel:
-      return ScratchBytesFor<ForwardConfig<T>, T>(g, device);
+      return ScratchBytesFor<Config<T, RowMajor, RowMajor, kClusterM>, T>(g, device);
     case GroupedGemmOp::kRowsTimesKernelT:
-      return ScratchBytesFor<TransposedConfig<T>, T>(g, device);
+      return ScratchBytesFor<Config<T, RowMajor, ColumnMajor, kClusterM>, T>(g, device);
     case GroupedGemmOp::kKernelGrad:
       break;
   }
-  return ScratchBytesFor<KernelGradConfig<T>, T>(g, device);
+  return ScratchBytesFor<Config<T, ColumnMajor, RowMajor, kClusterM>, T>(g, device);
 }
 
-template <class T>
+template <class T, int kClusterM>
 std::string RunOf(const GroupedGemm& g, int device, void* scratch,
                   cudaStream_t stream) {
   switch (g.op) {
     case GroupedGemmOp::kRowsTimesKernel:
-      return RunFor<ForwardConfig<T>, T>(g, device, scratch, stream);
+      return RunFor<Config<T, RowMajor, RowMajor, kClusterM>, T>(g, device, scratch, stream);
     case GroupedGemmOp::kRowsTimesKernelT:
-      return RunFor<TransposedConfig<T>, T>(g, device, scratch, stream);
+      return RunFor<Config<T, RowMajor, ColumnMajor, kClusterM>, T>(g, device, scratch,
+                                                                   stream);
     case GroupedGemmOp::kKernelGrad:
       break;
   }
-  return RunFor<KernelGradConfig<T>, T>(g, device, scratch, stream);
+  return RunFor<Config<T, ColumnMajor, RowMajor, kClusterM>, T>(g, device, scratch, stream);
 }
 
 bool Aligned(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
@@ -339,16 +338,24 @@ bool Supported(const GroupedGemm& g, int device) {
 }
 
 size_t ScratchBytes(const GroupedGemm& g, int device) {
-  return g.element == Element::kBFloat16
-             ? ScratchBytesOf<cutlass::bfloat16_t>(g, device)
-             : ScratchBytesOf<cutlass::half_t>(g, device);
+  const bool bf16 = g.element == Element::kBFloat16;
+  if (g.cluster_m == 2) {
+    return bf16 ? ScratchBytesOf<cutlass::bfloat16_t, 2>(g, device)
+                : ScratchBytesOf<cutlass::half_t, 2>(g, device);
+  }
+  return bf16 ? ScratchBytesOf<cutlass::bfloat16_t, 1>(g, device)
+              : ScratchBytesOf<cutlass::half_t, 1>(g, device);
 }
 
 std::string Run(const GroupedGemm& g, int device, void* scratch,
                 cudaStream_t stream) {
-  return g.element == Element::kBFloat16
-             ? RunOf<cutlass::bfloat16_t>(g, device, scratch, stream)
-             : RunOf<cutlass::half_t>(g, device, scratch, stream);
+  const bool bf16 = g.element == Element::kBFloat16;
+  if (g.cluster_m == 2) {
+    return bf16 ? RunOf<cutlass::bfloat16_t, 2>(g, device, scratch, stream)
+                : RunOf<cutlass::half_t, 2>(g, device, scratch, stream);
+  }
+  return bf16 ? RunOf<cutlass::bfloat16_t, 1>(g, device, scratch, stream)
+              : RunOf<cutlass::half_t, 1>(g, device, scratch, stream);
 }
 
 }  // namespace sm90

@@ -45,6 +45,7 @@ struct GroupedGemm {
   int64_t a, b;
   void* out;                   // [N, b], or dK [E, a, b]
   int* error_flag;             // device pointer of the mapped host flag
+  int cluster_m = 1;           // CTA cluster 1 x 2 (1) or 2 x 1 (2)
 };
 
 // Whether this GPU and these sizes can take the kernel: compute capability

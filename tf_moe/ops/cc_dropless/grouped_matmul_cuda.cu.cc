@@ -381,6 +381,22 @@ ffi::Error CutlassEnabled(bool* enabled) {
                   "streams, grouped (or unset). Received: ") + mode);
 }
 
+// TF_MOE_CUTLASS_CLUSTER: the kernel's CTA cluster, "1x2" (default) or
+// "2x1" (grouped_gemm_sm90.cu.cc says why both exist until measured).
+ffi::Error ClusterM(int* cluster_m) {
+  const char* value = std::getenv("TF_MOE_CUTLASS_CLUSTER");
+  if (value == nullptr || std::strcmp(value, "1x2") == 0) {
+    *cluster_m = 1;
+  } else if (std::strcmp(value, "2x1") == 0) {
+    *cluster_m = 2;
+  } else {
+    return ffi::Error::InvalidArgument(
+        std::string("tf_moe: TF_MOE_CUTLASS_CLUSTER must be 1x2 or 2x1 (or "
+                    "unset). Received: ") + value);
+  }
+  return ffi::Error::Success();
+}
+
 // Read on every call (like TF_MOE_GROUPED_GEMM), so a process can switch.
 bool SyncChecks() {
   const char* mode = std::getenv("TF_MOE_CHECK_GROUP_SIZES");
@@ -441,6 +457,7 @@ ffi::Error RunCutlass(cudaStream_t stream, ffi::ScratchAllocator& scratch,
   g.group_sizes = group_sizes.typed_data();
   g.num_experts = group_sizes.dimensions()[0];
   if (!sm90::Supported(g, device)) return ffi::Error::Success();
+  if (auto e = ClusterM(&g.cluster_m); !e.success()) return e;
   int* host_flag;
   if (auto e = InvalidSizesFlag(device, &host_flag, &g.error_flag); !e.success()) {
     return e;
