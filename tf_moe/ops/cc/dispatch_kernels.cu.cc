@@ -33,13 +33,11 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
-#include <mutex>
 #include <string>
-#include <unordered_map>
-#include <utility>
 
 #include "tf_moe/ops/cc/dispatch_core.h"
 #include "tf_moe/ops/cc/ffi_common.h"
+#include "tf_moe/ops/cc/mapped_record.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace tf_moe {
@@ -312,31 +310,6 @@ struct BadChoiceRecord {
   int64_t index, group_size, k, num_experts, capacity;
 };
 
-// Per device: the record's host and device pointers.
-ffi::Error BadChoiceRecordFor(BadChoiceRecord** host, BadChoiceRecord** dev) {
-  int device = 0;
-  if (cudaGetDevice(&device) != cudaSuccess) {
-    return ffi::Error::Internal("tf_moe: cudaGetDevice failed");
-  }
-  static std::mutex mutex;
-  static std::unordered_map<int, std::pair<BadChoiceRecord*, BadChoiceRecord*>> records;
-  std::lock_guard<std::mutex> lock(mutex);
-  auto it = records.find(device);
-  if (it == records.end()) {
-    BadChoiceRecord* h = nullptr;
-    BadChoiceRecord* d = nullptr;
-    if (cudaHostAlloc(&h, sizeof(BadChoiceRecord), cudaHostAllocMapped) != cudaSuccess ||
-        cudaHostGetDevicePointer(&d, h, 0) != cudaSuccess) {
-      return ffi::Error::Internal("tf_moe: allocating the routing-check record failed");
-    }
-    std::memset(h, 0, sizeof(BadChoiceRecord));
-    it = records.emplace(device, std::make_pair(h, d)).first;
-  }
-  *host = it->second.first;
-  *dev = it->second.second;
-  return ffi::Error::Success();
-}
-
 // Copies this call's first bad choice (if any, and if none is pending) into
 // the record.
 __global__ void RecordBadChoice(const unsigned long long* flag, RoutingView r,
@@ -359,7 +332,7 @@ __global__ void RecordBadChoice(const unsigned long long* flag, RoutingView r,
 ffi::Error ReportEarlierBadChoice() {
   if (!DeferredChecks()) return ffi::Error::Success();
   BadChoiceRecord *host, *dev;
-  if (auto e = BadChoiceRecordFor(&host, &dev); !e.success()) return e;
+  if (auto e = MappedRecordFor(&host, &dev); !e.success()) return e;
   volatile BadChoiceRecord* record = host;
   if (record->set == 0) return ffi::Error::Success();
   const std::string message = BadChoiceMessage(
@@ -377,7 +350,7 @@ ffi::Error FinishCheck(const unsigned long long* flag, const RoutingView& r,
                        cudaStream_t stream) {
   if (!DeferredChecks()) return CheckErrorFlag(flag, r, stream);
   BadChoiceRecord *host, *dev;
-  if (auto e = BadChoiceRecordFor(&host, &dev); !e.success()) return e;
+  if (auto e = MappedRecordFor(&host, &dev); !e.success()) return e;
   RecordBadChoice<<<1, 1, 0, stream>>>(flag, r, dev);
   return CudaError("routing record launch");
 }

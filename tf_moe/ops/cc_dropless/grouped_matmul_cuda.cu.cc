@@ -56,6 +56,7 @@
 #include <vector>
 
 #include "tf_moe/ops/cc/ffi_common.h"
+#include "tf_moe/ops/cc/mapped_record.h"
 #include "tf_moe/ops/cc_dropless/grouped_gemm_sm90.h"
 #include "tf_moe/ops/cc_dropless/grouped_matmul_checks.h"
 #include "xla/ffi/api/ffi.h"
@@ -403,28 +404,6 @@ bool SyncChecks() {
   return mode != nullptr && std::strcmp(mode, "sync") == 0;
 }
 
-// Per device, an int in mapped host memory that the table kernel sets when
-// group_sizes are invalid (read here without synchronizing the stream).
-ffi::Error InvalidSizesFlag(int device, int** host, int** dev) {
-  static std::mutex mutex;
-  static std::unordered_map<int, std::pair<int*, int*>> flags;
-  std::lock_guard<std::mutex> lock(mutex);
-  auto it = flags.find(device);
-  if (it == flags.end()) {
-    int* h = nullptr;
-    int* d = nullptr;
-    if (cudaHostAlloc(&h, sizeof(int), cudaHostAllocMapped) != cudaSuccess ||
-        cudaHostGetDevicePointer(&d, h, 0) != cudaSuccess) {
-      return ffi::Error::Internal("tf_moe: allocating the group_sizes flag failed");
-    }
-    *h = 0;
-    it = flags.emplace(device, std::make_pair(h, d)).first;
-  }
-  *host = it->second.first;
-  *dev = it->second.second;
-  return ffi::Error::Success();
-}
-
 // The error of an earlier call's invalid group_sizes, once.
 ffi::Error ReportEarlierInvalidSizes(int* host_flag) {
   auto* flag = reinterpret_cast<volatile int*>(host_flag);
@@ -435,6 +414,22 @@ ffi::Error ReportEarlierInvalidSizes(int* host_flag) {
       "`group_sizes` (a negative size, or sizes summing past the number of "
       "rows N); its outputs were set to 0. Set TF_MOE_CHECK_GROUP_SIZES=sync "
       "to stop at that call with the values.");
+}
+
+// The CUTLASS problem `op` over rows [N, a] and `other` (kernel or grad)
+// into `out`; element type, group sizes and flag are set by RunCutlass.
+sm90::GroupedGemm MakeGemm(sm90::GroupedGemmOp op, const void* rows,
+                           const void* other, int64_t num_rows, int64_t a,
+                           int64_t b, void* out) {
+  sm90::GroupedGemm g{};
+  g.op = op;
+  g.rows = rows;
+  g.other = other;
+  g.num_rows = num_rows;
+  g.a = a;
+  g.b = b;
+  g.out = out;
+  return g;
 }
 
 // Runs `g` with the CUTLASS kernel if it applies (*ran = true), else leaves
@@ -458,8 +453,9 @@ ffi::Error RunCutlass(cudaStream_t stream, ffi::ScratchAllocator& scratch,
   g.num_experts = group_sizes.dimensions()[0];
   if (!sm90::Supported(g, device)) return ffi::Error::Success();
   if (auto e = ClusterM(&g.cluster_m); !e.success()) return e;
+  // An int the table kernel sets when group_sizes are invalid.
   int* host_flag;
-  if (auto e = InvalidSizesFlag(device, &host_flag, &g.error_flag); !e.success()) {
+  if (auto e = MappedRecordFor(&host_flag, &g.error_flag); !e.success()) {
     return e;
   }
   if (auto e = ReportEarlierInvalidSizes(host_flag); !e.success()) return e;
@@ -511,15 +507,10 @@ ffi::Error GroupedMatmulCuda(cudaStream_t stream, ffi::ScratchAllocator scratch,
   }
   auto r = rows.dimensions();
   auto o = out->dimensions();
-  sm90::GroupedGemm g{};
-  g.op = transpose_kernel != 0 ? sm90::GroupedGemmOp::kRowsTimesKernelT
-                               : sm90::GroupedGemmOp::kRowsTimesKernel;
-  g.rows = rows.untyped_data();
-  g.other = kernel.untyped_data();
-  g.num_rows = r[0];
-  g.a = r[1];
-  g.b = o[1];
-  g.out = out->untyped_data();
+  const auto g = MakeGemm(transpose_kernel != 0 ? sm90::GroupedGemmOp::kRowsTimesKernelT
+                                                : sm90::GroupedGemmOp::kRowsTimesKernel,
+                          rows.untyped_data(), kernel.untyped_data(), r[0], r[1], o[1],
+                          out->untyped_data());
   bool ran;
   if (auto e = RunCutlass(stream, scratch, rows.element_type(), group_sizes, g, &ran);
       !e.success() || ran) {
@@ -551,14 +542,9 @@ ffi::Error GroupedMatmulKernelGradCuda(
   }
   auto r = rows.dimensions();
   auto g = grad.dimensions();
-  sm90::GroupedGemm gemm{};
-  gemm.op = sm90::GroupedGemmOp::kKernelGrad;
-  gemm.rows = rows.untyped_data();
-  gemm.other = grad.untyped_data();
-  gemm.num_rows = r[0];
-  gemm.a = r[1];
-  gemm.b = g[1];
-  gemm.out = kernel_grad->untyped_data();
+  const auto gemm = MakeGemm(sm90::GroupedGemmOp::kKernelGrad, rows.untyped_data(),
+                             grad.untyped_data(), r[0], r[1], g[1],
+                             kernel_grad->untyped_data());
   bool ran;
   if (auto e = RunCutlass(stream, scratch, rows.element_type(), group_sizes, gemm, &ran);
       !e.success() || ran) {
@@ -601,22 +587,12 @@ ffi::Error GroupedMatmulGradCuda(
   auto r = rows.dimensions();
   auto g = grad.dimensions();
   // CUTLASS: d rows = grad @ K_e^T, then dK, two grouped GEMMs on the stream.
-  sm90::GroupedGemm d_rows_gemm{};
-  d_rows_gemm.op = sm90::GroupedGemmOp::kRowsTimesKernelT;
-  d_rows_gemm.rows = grad.untyped_data();
-  d_rows_gemm.other = kernel.untyped_data();
-  d_rows_gemm.num_rows = r[0];
-  d_rows_gemm.a = g[1];
-  d_rows_gemm.b = r[1];
-  d_rows_gemm.out = rows_grad->untyped_data();
-  sm90::GroupedGemm d_kernel_gemm{};
-  d_kernel_gemm.op = sm90::GroupedGemmOp::kKernelGrad;
-  d_kernel_gemm.rows = rows.untyped_data();
-  d_kernel_gemm.other = grad.untyped_data();
-  d_kernel_gemm.num_rows = r[0];
-  d_kernel_gemm.a = r[1];
-  d_kernel_gemm.b = g[1];
-  d_kernel_gemm.out = kernel_grad->untyped_data();
+  auto d_rows_gemm = MakeGemm(sm90::GroupedGemmOp::kRowsTimesKernelT, grad.untyped_data(),
+                              kernel.untyped_data(), r[0], g[1], r[1],
+                              rows_grad->untyped_data());
+  auto d_kernel_gemm = MakeGemm(sm90::GroupedGemmOp::kKernelGrad, rows.untyped_data(),
+                                grad.untyped_data(), r[0], r[1], g[1],
+                                kernel_grad->untyped_data());
   int device = 0;
   cudaGetDevice(&device);
   d_rows_gemm.num_experts = d_kernel_gemm.num_experts = group_sizes.dimensions()[0];
