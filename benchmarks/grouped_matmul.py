@@ -8,8 +8,8 @@ rows and kernel), compiled (TF `tf.function(jit_compile=True)`, JAX
     dense         one [N, a] @ [a, b] matmul: the same FLOPs, no grouping
     custom_call   tf_moe's custom call (on CUDA: TF_MOE_GROUPED_GEMM's
                   default, the CUTLASS kernel on Hopper for 16-bit types)
-    custom_call:O[+O] the same with options: cutlass, streams, grouped set
-                  TF_MOE_GROUPED_GEMM; 1x2, 2x1 TF_MOE_CUTLASS_CLUSTER
+    custom_call:O[+O] the same with CUDA options (benchmarks/timing.py,
+                  CUDA_OPTIONS): cutlass, streams, grouped; 1x2, 2x1
     reference     a per-tile weight gather (memory N / tile * a * b)
     ragged_dot    jax.lax.ragged_dot (JAX)
     tokamax       tokamax.ragged_dot where installed (JAX)
@@ -38,12 +38,11 @@ import keras
 import numpy as np
 from keras import ops
 
-from timing import time_step  # noqa: E402  (benchmarks/ is sys.path[0])
+from timing import cuda_options_env, time_step  # noqa: E402  (benchmarks/ is sys.path[0])
 from tf_moe.ops import dropless
 from tf_moe.ops import grouped_matmul as grouped_matmul_lib
 
 BACKEND = keras.backend.backend()
-REPEAT = 1  # set from --repeat
 
 
 def layout_of(sizes, tile):
@@ -57,20 +56,6 @@ def layout_of(sizes, tile):
         num_rows=int(sum(sizes)),
         tile=tile,
     )
-
-
-def option_env(options):
-    """"cutlass+2x1" -> {TF_MOE_GROUPED_GEMM: cutlass, TF_MOE_CUTLASS_CLUSTER: 2x1}."""
-    env = {}
-    for option in filter(None, options.split("+")):
-        if option in ("cutlass", "streams", "grouped"):
-            env["TF_MOE_GROUPED_GEMM"] = option
-        elif option in ("1x2", "2x1"):
-            env["TF_MOE_CUTLASS_CLUSTER"] = option
-        else:
-            raise ValueError("implementation options must be among cutlass, streams, "
-                             f"grouped, 1x2, 2x1. Received: {option!r}")
-    return env
 
 
 def forward_fn(implementation, layout):
@@ -98,8 +83,9 @@ def forward_fn(implementation, layout):
         rows, kernel, layout, implementation.split(":")[0])
 
 
-def step(implementation, layout, backward):
-    """A compiled function (rows, kernel, cot) -> outputs, and a runner."""
+def step(implementation, layout, backward, repeat):
+    """A compiled function (rows, kernel, cot) -> outputs, and a runner
+    (JAX: `repeat` calls per run)."""
     forward = forward_fn(implementation, layout)
 
     if BACKEND == "jax":
@@ -110,10 +96,10 @@ def step(implementation, layout, backward):
                 lambda r, k: (forward(r, k) * c).sum(), argnums=(0, 1))(r, k))
         else:
             fn = jax.jit(lambda r, k, c: forward(r, k))
-        # --repeat calls dispatched back to back, one wait: the GPU's time
+        # `repeat` calls dispatched back to back, one wait: the GPU's time
         # per call without the host's dispatch and sync latency in each.
         def run(*args):
-            for _ in range(REPEAT - 1):
+            for _ in range(repeat - 1):
                 fn(*args)
             return jax.block_until_ready(fn(*args))
 
@@ -153,8 +139,6 @@ def main():
                              "and on JAX ragged_dot)")
     parser.add_argument("--json", default="grouped_matmul_benchmark.json")
     args = parser.parse_args()
-    global REPEAT
-    REPEAT = args.repeat
     rng = np.random.default_rng(0)
     if args.sizes_mode == "tiles":
         # Random segment sizes in tiles, summing to N.
@@ -186,14 +170,14 @@ def main():
     results = []
     for implementation in implementations:
         row = {"implementation": implementation}
-        env = option_env(implementation.partition(":")[2])
+        env = cuda_options_env(implementation.partition(":")[2])
         os.environ.update(env)
         try:
+            k = kernel[0] if implementation == "dense" else kernel  # dense: [a, b]
             for name, backward in (("fwd_ms", False), ("fwd_bwd_ms", True)):
-                run = step(implementation, layout, backward)
-                k = kernel[0] if implementation == "dense" else kernel
+                run = step(implementation, layout, backward, args.repeat)
                 median, _ = time_step(lambda: run(rows, k, cot), args.warmup, args.iters)
-                row[name] = median * 1e3 / REPEAT
+                row[name] = median * 1e3 / (args.repeat if BACKEND == "jax" else 1)
         except Exception as error:  # noqa: BLE001 - one row fails, the rest run
             row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"
             print(f"{implementation:>20} {row['error']}", flush=True)

@@ -38,7 +38,7 @@ import keras
 import numpy as np
 
 import tf_moe
-from timing import tf_grad_step, time_step
+from timing import cuda_options_env, tf_grad_step, time_step
 from tf_moe.ops import custom_call
 from tf_moe.ops.plan import resolve_plan
 
@@ -201,17 +201,7 @@ def run_worker(size_name, path, args):
     import subprocess
 
     base, _, options = path.partition("@")
-    env = dict(os.environ)
-    for option in filter(None, options.split("+")):
-        if option in ("cutlass", "streams", "grouped"):
-            env["TF_MOE_GROUPED_GEMM"] = option
-        elif option in ("sync", "deferred"):
-            env["TF_MOE_CHECK_ROUTING"] = option
-        elif option in ("1x2", "2x1"):
-            env["TF_MOE_CUTLASS_CLUSTER"] = option
-        else:
-            raise ValueError(f"path option must be one of cutlass, streams, grouped, sync, "
-                             f"deferred, 1x2, 2x1. Received: {option!r} in path {path!r}")
+    env = dict(os.environ, **cuda_options_env(options))
     command = [
         sys.executable, os.path.abspath(__file__), "--preset", args.preset,
         "--worker", f"{size_name}:{base}", "--warmup", str(args.warmup),

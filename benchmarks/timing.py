@@ -1,6 +1,7 @@
-"""The step timer every benchmark uses, and the TensorFlow gradient step they
-time (no tf_moe import, so that a script can time other libraries with it in
-their own environment)."""
+"""The step timer every benchmark uses, the TensorFlow gradient step they
+time, and the CUDA handler options of their variant rows (no tf_moe import,
+so that a script can time other libraries with it in their own
+environment)."""
 
 import statistics
 import time
@@ -40,3 +41,24 @@ def tf_grad_step(model, x, cotangent):
                 g.numpy()  # synchronize
 
     return run
+
+
+# Variant-row options -> the environment variable the CUDA handlers read.
+CUDA_OPTIONS = {
+    "cutlass": "TF_MOE_GROUPED_GEMM", "streams": "TF_MOE_GROUPED_GEMM",
+    "grouped": "TF_MOE_GROUPED_GEMM",
+    "1x2": "TF_MOE_CUTLASS_CLUSTER", "2x1": "TF_MOE_CUTLASS_CLUSTER",
+    "sync": "TF_MOE_CHECK_ROUTING", "deferred": "TF_MOE_CHECK_ROUTING",
+}
+
+
+def cuda_options_env(options):
+    """"cutlass+2x1+deferred" -> {TF_MOE_GROUPED_GEMM: "cutlass",
+    TF_MOE_CUTLASS_CLUSTER: "2x1", TF_MOE_CHECK_ROUTING: "deferred"}."""
+    env = {}
+    for option in filter(None, options.split("+")):
+        if option not in CUDA_OPTIONS:
+            raise ValueError(f"a row's options must be among {sorted(CUDA_OPTIONS)}. "
+                             f"Received: {option!r} in {options!r}")
+        env[CUDA_OPTIONS[option]] = option
+    return env

@@ -89,8 +89,5 @@ def paper_scale(config):
         batch_size=256, steps=100_000, checkpoint_every=1000,
         warmup_steps=10_000, log_every=100,
     )
-    # Always XLA: a plain bool in place of the tiny recipes' unset placeholder.
-    del config.train.jit_compile
-    config.train.jit_compile = True
     config.eval.bleu_examples = 0
     return config

@@ -328,9 +328,10 @@ __global__ void RecordBadChoice(const unsigned long long* flag, RoutingView r,
   out->set = 1;
 }
 
-// At the start of a call: the error of an earlier call's bad choice, once.
-ffi::Error ReportEarlierBadChoice() {
-  if (!DeferredChecks()) return ffi::Error::Success();
+// At the start of a deferred-check call: the error of an earlier call's bad
+// choice, once.
+ffi::Error ReportEarlierBadChoice(bool deferred) {
+  if (!deferred) return ffi::Error::Success();
   BadChoiceRecord *host, *dev;
   if (auto e = MappedRecordFor(&host, &dev); !e.success()) return e;
   volatile BadChoiceRecord* record = host;
@@ -347,8 +348,8 @@ ffi::Error ReportEarlierBadChoice() {
 
 // At the end of a call: the synchronous check, or the deferred record.
 ffi::Error FinishCheck(const unsigned long long* flag, const RoutingView& r,
-                       cudaStream_t stream) {
-  if (!DeferredChecks()) return CheckErrorFlag(flag, r, stream);
+                       cudaStream_t stream, bool deferred) {
+  if (!deferred) return CheckErrorFlag(flag, r, stream);
   BadChoiceRecord *host, *dev;
   if (auto e = MappedRecordFor(&host, &dev); !e.success()) return e;
   RecordBadChoice<<<1, 1, 0, stream>>>(flag, r, dev);
@@ -390,7 +391,8 @@ ffi::Error DispatchCuda(cudaStream_t stream, ffi::ScratchAllocator scratch,
       !e.success()) {
     return e;
   }
-  if (auto e = ReportEarlierBadChoice(); !e.success()) return e;
+  const bool deferred = DeferredChecks();  // one decision for the call
+  if (auto e = ReportEarlierBadChoice(deferred); !e.success()) return e;
   auto flag = NewErrorFlag(scratch, stream);
   if (flag.has_error()) return flag.error();
   cudaMemsetAsync(out->untyped_data(), 0, out->size_bytes(), stream);
@@ -415,7 +417,7 @@ ffi::Error DispatchCuda(cudaStream_t stream, ffi::ScratchAllocator scratch,
     return e;
   }
   if (auto e = CudaError("dispatch launch"); !e.success()) return e;
-  return FinishCheck(*flag, r, stream);
+  return FinishCheck(*flag, r, stream, deferred);
 }
 
 ffi::Error CombineCuda(cudaStream_t stream, ffi::ScratchAllocator scratch,
@@ -431,7 +433,8 @@ ffi::Error CombineCuda(cudaStream_t stream, ffi::ScratchAllocator scratch,
       !e.success()) {
     return e;
   }
-  if (auto e = ReportEarlierBadChoice(); !e.success()) return e;
+  const bool deferred = DeferredChecks();  // one decision for the call
+  if (auto e = ReportEarlierBadChoice(deferred); !e.success()) return e;
   auto flag = NewErrorFlag(scratch, stream);
   if (flag.has_error()) return flag.error();
   const int64_t tokens = r.groups * r.group_size;
@@ -450,7 +453,7 @@ ffi::Error CombineCuda(cudaStream_t stream, ffi::ScratchAllocator scratch,
   } else if (auto e = LaunchValidateRouting(r, stream, *flag); !e.success()) {
     return e;
   }
-  return FinishCheck(*flag, r, stream);
+  return FinishCheck(*flag, r, stream, deferred);
 }
 
 ffi::Error CombineGradCuda(cudaStream_t stream, ffi::ScratchAllocator scratch,
@@ -471,7 +474,8 @@ ffi::Error CombineGradCuda(cudaStream_t stream, ffi::ScratchAllocator scratch,
       !e.success()) {
     return e;
   }
-  if (auto e = ReportEarlierBadChoice(); !e.success()) return e;
+  const bool deferred = DeferredChecks();  // one decision for the call
+  if (auto e = ReportEarlierBadChoice(deferred); !e.success()) return e;
   auto flag = NewErrorFlag(scratch, stream);
   if (flag.has_error()) return flag.error();
   cudaMemsetAsync(grad_expert_outputs->untyped_data(), 0,
@@ -496,7 +500,7 @@ ffi::Error CombineGradCuda(cudaStream_t stream, ffi::ScratchAllocator scratch,
   } else if (auto e = LaunchValidateRouting(r, stream, *flag); !e.success()) {
     return e;
   }
-  return FinishCheck(*flag, r, stream);
+  return FinishCheck(*flag, r, stream, deferred);
 }
 
 // FFI binding: the context (stream, scratch memory), then the op's

@@ -50,6 +50,7 @@
 #include <cstdlib>
 #include <algorithm>
 #include <cstring>
+#include <initializer_list>
 #include <mutex>
 #include <string>
 #include <unordered_map>
@@ -417,7 +418,7 @@ ffi::Error ReportEarlierInvalidSizes(int* host_flag) {
 }
 
 // The CUTLASS problem `op` over rows [N, a] and `other` (kernel or grad)
-// into `out`; element type, group sizes and flag are set by RunCutlass.
+// into `out`; UseCutlass sets the rest.
 sm90::GroupedGemm MakeGemm(sm90::GroupedGemmOp op, const void* rows,
                            const void* other, int64_t num_rows, int64_t a,
                            int64_t b, void* out) {
@@ -432,40 +433,51 @@ sm90::GroupedGemm MakeGemm(sm90::GroupedGemmOp op, const void* rows,
   return g;
 }
 
-// Runs `g` with the CUTLASS kernel if it applies (*ran = true), else leaves
-// it to cuBLAS (*ran = false). g.out, g.rows and g.other are set by the caller.
-ffi::Error RunCutlass(cudaStream_t stream, ffi::ScratchAllocator& scratch,
-                      ffi::DataType dtype,
+// Decides once per handler call whether the CUTLASS kernel computes all of
+// `gemms` (*use; else cuBLAS computes all of them) and completes them (type,
+// group sizes, cluster, error flag). Reports an earlier call's invalid
+// group_sizes, and with TF_MOE_CHECK_GROUP_SIZES=sync checks this call's.
+ffi::Error UseCutlass(cudaStream_t stream, ffi::DataType dtype,
                       const ffi::Buffer<ffi::S32>& group_sizes,
-                      sm90::GroupedGemm g, bool* ran) {
-  *ran = false;
+                      std::initializer_list<sm90::GroupedGemm*> gemms,
+                      int* device, bool* use) {
+  *use = false;
   bool enabled;
   if (auto e = CutlassEnabled(&enabled); !e.success()) return e;
   if (!enabled || (dtype != ffi::BF16 && dtype != ffi::F16)) {
     return ffi::Error::Success();
   }
-  int device = 0;
-  if (cudaGetDevice(&device) != cudaSuccess) {
+  if (cudaGetDevice(device) != cudaSuccess) {
     return ffi::Error::Internal("tf_moe: cudaGetDevice failed");
   }
-  g.element = dtype == ffi::BF16 ? sm90::Element::kBFloat16 : sm90::Element::kFloat16;
-  g.group_sizes = group_sizes.typed_data();
-  g.num_experts = group_sizes.dimensions()[0];
-  if (!sm90::Supported(g, device)) return ffi::Error::Success();
-  if (auto e = ClusterM(&g.cluster_m); !e.success()) return e;
+  int cluster_m;
+  if (auto e = ClusterM(&cluster_m); !e.success()) return e;
   // An int the table kernel sets when group_sizes are invalid.
-  int* host_flag;
-  if (auto e = MappedRecordFor(&host_flag, &g.error_flag); !e.success()) {
-    return e;
+  int *host_flag, *device_flag;
+  if (auto e = MappedRecordFor(&host_flag, &device_flag); !e.success()) return e;
+  for (sm90::GroupedGemm* g : gemms) {
+    g->element = dtype == ffi::BF16 ? sm90::Element::kBFloat16 : sm90::Element::kFloat16;
+    g->group_sizes = group_sizes.typed_data();
+    g->num_experts = group_sizes.dimensions()[0];
+    g->cluster_m = cluster_m;
+    g->error_flag = device_flag;
+    if (!sm90::Supported(*g, *device)) return ffi::Error::Success();
   }
   if (auto e = ReportEarlierInvalidSizes(host_flag); !e.success()) return e;
   if (SyncChecks()) {
     Segments seg;
-    if (auto e = ReadGroupSizes(stream, group_sizes, g.num_rows, &seg);
+    if (auto e = ReadGroupSizes(stream, group_sizes, (*gemms.begin())->num_rows, &seg);
         !e.success()) {
       return e;
     }
   }
+  *use = true;
+  return ffi::Error::Success();
+}
+
+// Enqueues one grouped GEMM that UseCutlass accepted.
+ffi::Error RunCutlass(cudaStream_t stream, ffi::ScratchAllocator& scratch,
+                      const sm90::GroupedGemm& g, int device) {
   // XLA's scratch allocator takes alignments up to 16 bytes; the table wants
   // 256 (TMA descriptors: 64), so over-allocate and align here.
   const size_t bytes = sm90::ScratchBytes(g, device);
@@ -479,7 +491,6 @@ ffi::Error RunCutlass(cudaStream_t stream, ffi::ScratchAllocator& scratch,
   void* aligned = reinterpret_cast<void*>((address + 255) / 256 * 256);
   std::string error = sm90::Run(g, device, aligned, stream);
   if (!error.empty()) return ffi::Error::Internal("tf_moe: " + error);
-  *ran = true;
   return ffi::Error::Success();
 }
 
@@ -507,15 +518,17 @@ ffi::Error GroupedMatmulCuda(cudaStream_t stream, ffi::ScratchAllocator scratch,
   }
   auto r = rows.dimensions();
   auto o = out->dimensions();
-  const auto g = MakeGemm(transpose_kernel != 0 ? sm90::GroupedGemmOp::kRowsTimesKernelT
-                                                : sm90::GroupedGemmOp::kRowsTimesKernel,
-                          rows.untyped_data(), kernel.untyped_data(), r[0], r[1], o[1],
-                          out->untyped_data());
-  bool ran;
-  if (auto e = RunCutlass(stream, scratch, rows.element_type(), group_sizes, g, &ran);
-      !e.success() || ran) {
+  auto g = MakeGemm(transpose_kernel != 0 ? sm90::GroupedGemmOp::kRowsTimesKernelT
+                                          : sm90::GroupedGemmOp::kRowsTimesKernel,
+                    rows.untyped_data(), kernel.untyped_data(), r[0], r[1], o[1],
+                    out->untyped_data());
+  int device;
+  bool cutlass;
+  if (auto e = UseCutlass(stream, rows.element_type(), group_sizes, {&g}, &device, &cutlass);
+      !e.success()) {
     return e;
   }
+  if (cutlass) return RunCutlass(stream, scratch, g, device);
   cudaDataType type;
   size_t bytes;
   Segments seg;
@@ -542,14 +555,16 @@ ffi::Error GroupedMatmulKernelGradCuda(
   }
   auto r = rows.dimensions();
   auto g = grad.dimensions();
-  const auto gemm = MakeGemm(sm90::GroupedGemmOp::kKernelGrad, rows.untyped_data(),
-                             grad.untyped_data(), r[0], r[1], g[1],
-                             kernel_grad->untyped_data());
-  bool ran;
-  if (auto e = RunCutlass(stream, scratch, rows.element_type(), group_sizes, gemm, &ran);
-      !e.success() || ran) {
+  auto gemm = MakeGemm(sm90::GroupedGemmOp::kKernelGrad, rows.untyped_data(),
+                       grad.untyped_data(), r[0], r[1], g[1], kernel_grad->untyped_data());
+  int device;
+  bool cutlass;
+  if (auto e = UseCutlass(stream, rows.element_type(), group_sizes, {&gemm}, &device,
+                          &cutlass);
+      !e.success()) {
     return e;
   }
+  if (cutlass) return RunCutlass(stream, scratch, gemm, device);
   cudaDataType type;
   size_t bytes;
   Segments seg;
@@ -593,20 +608,16 @@ ffi::Error GroupedMatmulGradCuda(
   auto d_kernel_gemm = MakeGemm(sm90::GroupedGemmOp::kKernelGrad, rows.untyped_data(),
                                 grad.untyped_data(), r[0], r[1], g[1],
                                 kernel_grad->untyped_data());
-  int device = 0;
-  cudaGetDevice(&device);
-  d_rows_gemm.num_experts = d_kernel_gemm.num_experts = group_sizes.dimensions()[0];
-  if (sm90::Supported(d_rows_gemm, device) && sm90::Supported(d_kernel_gemm, device)) {
-    bool ran;
-    if (auto e = RunCutlass(stream, scratch, rows.element_type(), group_sizes,
-                            d_rows_gemm, &ran);
-        !e.success()) {
-      return e;
-    }
-    if (ran) {
-      return RunCutlass(stream, scratch, rows.element_type(), group_sizes,
-                        d_kernel_gemm, &ran);
-    }
+  int device;
+  bool cutlass;
+  if (auto e = UseCutlass(stream, rows.element_type(), group_sizes,
+                          {&d_rows_gemm, &d_kernel_gemm}, &device, &cutlass);
+      !e.success()) {
+    return e;
+  }
+  if (cutlass) {
+    if (auto e = RunCutlass(stream, scratch, d_rows_gemm, device); !e.success()) return e;
+    return RunCutlass(stream, scratch, d_kernel_gemm, device);
   }
   cudaDataType type;
   size_t bytes;
