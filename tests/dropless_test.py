@@ -374,6 +374,111 @@ def argument_errors():
     return (tf.errors.InvalidArgumentError, ValueError)
 
 
+def numpy_grouped_matmul_bias(rows, kernel, bias, expert, activation, cotangent,
+                              near_kink=None):
+    """(out, d rows, d kernel, d bias) in float64 of out[r] = act(rows[r] @
+    kernel[e] + bias[e]) for e = expert[r] < E (0 where expert[r] = E).
+
+    near_kink: None, or (band, output): where |pre-activation| < band, relu's
+    derivative follows `output` > 0 instead (an implementation that rounds
+    before adding the bias may land on either side of 0 there)."""
+    num_experts = kernel.shape[0]
+    used = expert < num_experts
+    safe = np.minimum(expert, num_experts - 1)
+    pre = np.einsum("na,nab->nb", rows.astype(np.float64), kernel[safe].astype(np.float64))
+    pre = pre + bias[safe]
+    out = np.maximum(pre, 0.0) if activation == "relu" else pre
+    out[~used] = 0.0
+    positive = pre > 0
+    if near_kink is not None:
+        band, output = near_kink
+        positive = np.where(np.abs(pre) < band, np.asarray(output, np.float64) > 0, positive)
+    d_pre = cotangent * positive if activation == "relu" else cotangent.astype(np.float64)
+    d_pre = np.where(used[:, None], d_pre, 0.0)
+    d_rows = np.einsum("nb,nab->na", d_pre, kernel[safe].astype(np.float64))
+    d_kernel = np.zeros(kernel.shape)
+    d_bias = np.zeros(bias.shape)
+    for r in np.nonzero(used)[0]:
+        d_kernel[expert[r]] += np.outer(rows[r], d_pre[r])
+        d_bias[expert[r]] += d_pre[r]
+    return out, d_rows, d_kernel, d_bias
+
+
+class GroupedMatmulBiasTest(parameterized.TestCase):
+    """grouped_matmul_bias (the custom call fuses bias and relu; the other
+    implementations compose them) against the numpy formula."""
+
+    @parameterized.product(
+        case=SEGMENT_CASES[:2] + SEGMENT_CASES[3:],
+        activation=(None, "relu"),
+        dtype=DTYPES,
+        mode=("eager", "jit"),
+    )
+    def test_custom_call_matches_numpy(self, case, activation, dtype, mode):
+        self.check_against_numpy(case, "custom_call", activation, dtype, mode)
+
+    # The reference composes matmul, bias and relu in the dtype (16-bit
+    # accumulation by XLA:CPU), so its 16-bit cases stay short; long segments
+    # in float32 only.
+    @parameterized.product(
+        case=SEGMENT_CASES[:2] + SEGMENT_CASES[3:4],
+        activation=(None, "relu"),
+        dtype=DTYPES,
+        mode=("eager", "jit"),
+    )
+    def test_reference_matches_numpy(self, case, activation, dtype, mode):
+        self.check_against_numpy(case, "reference", activation, dtype, mode)
+
+    @parameterized.product(activation=(None, "relu"), mode=("eager", "jit"))
+    def test_reference_long_segments_float32(self, activation, mode):
+        self.check_against_numpy(SEGMENT_CASES[4], "reference", activation, "float32", mode)
+
+    def check_against_numpy(self, case, implementation, activation, dtype, mode):
+        _, sizes, n, a, b = case
+        layout = layout_from_sizes(sizes, n)
+        rng = np.random.default_rng(11)
+        e = len(sizes)
+        rows = round_to(rng.normal(size=(n, a)), dtype)
+        kernel = round_to(rng.normal(size=(e, a, b)), dtype)
+        bias = round_to(rng.normal(size=(e, b)), dtype)
+        cot = round_to(rng.normal(size=(n, b)), dtype)
+
+        def fn(r, w, c):
+            return grouped_matmul_lib.grouped_matmul_bias(
+                ops.cast(r, dtype), ops.cast(w, dtype), ops.cast(c, dtype), layout,
+                activation, implementation,
+            )
+
+        actual = value_and_grads(fn, (rows, kernel, bias), cot, mode)
+        actual = [actual[0], *actual[1]]
+        # A 16-bit composition (TF; the reference) rounds x @ W before adding
+        # the bias: pre-activations within a few ulps of 0 may change sign.
+        band = 0.0 if dtype == "float32" else 0.05 * np.sqrt(a)
+        expected = numpy_grouped_matmul_bias(
+            rows, kernel, bias, to_numpy(layout.tile_expert), activation, cot,
+            near_kink=(band, actual[0]),
+        )
+        tol = TOLERANCE[dtype] if implementation == "custom_call" else (
+            TOLERANCE["float32"] if dtype == "float32" else {"rtol": 2e-2, "atol": 5e-2})
+        for name, got, want in zip(("out", "d_rows", "d_kernel", "d_bias"), actual, expected):
+            np.testing.assert_allclose(got, want, err_msg=name, **tol)
+        tail = slice(sum(sizes), n)
+        np.testing.assert_array_equal(actual[0][tail], 0.0)  # not act(bias)
+        np.testing.assert_array_equal(actual[1][tail], 0.0)
+        if activation == "relu":
+            self.assertTrue(np.any(actual[0][: sum(sizes)] == 0.0))  # relu cut something
+
+    def test_rejects_bad_arguments(self):
+        layout = layout_from_sizes((2, 1), 4)
+        rows, kernel = np.ones((4, 3), np.float32), np.ones((2, 3, 5), np.float32)
+        with self.assertRaisesRegex(ValueError, r"`activation` must be one of .*gelu"):
+            grouped_matmul_lib.grouped_matmul_bias(rows, kernel, np.ones((2, 5), np.float32),
+                                                   layout, "gelu")
+        with self.assertRaisesRegex(ValueError, r"`bias` must be \[E, b\] = \[2, 5\].*\(5,\)"):
+            grouped_matmul_lib.grouped_matmul_bias(rows, kernel, np.ones((5,), np.float32),
+                                                   layout, "relu")
+
+
 class CustomCallTest(parameterized.TestCase):
     """The C++ grouped matmul (TF op library, JAX FFI) on segment layouts."""
 

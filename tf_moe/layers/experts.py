@@ -26,7 +26,12 @@ from tf_moe._validation import (
     check_positive_int,
 )
 from tf_moe.layers.dropout import Dropout, dropout
-from tf_moe.ops.grouped_matmul import grouped_matmul, row_expert
+from tf_moe.ops.grouped_matmul import (
+    FUSED_ACTIVATIONS,
+    grouped_matmul,
+    grouped_matmul_bias,
+    row_expert,
+)
 
 PLAIN_ACTIVATIONS = {
     "relu": ops.relu,
@@ -187,13 +192,17 @@ class Experts(keras.layers.Layer):
         def matmul(x, kernel):
             return grouped_matmul(x, kernel, layout, implementation)
 
+        def matmul_bias(x, kernel, bias, activation):
+            bias = ops.reshape(bias, (bias.shape[0], bias.shape[-1]))  # [E, b]
+            return grouped_matmul_bias(x, kernel, bias, layout, activation, implementation)
+
         return self.ffn(
             rows, params or self.params, matmul, lambda b: _row_bias(b, layout), training,
-            **kwargs,
+            matmul_bias=matmul_bias, **kwargs,
         )
 
     def ffn(self, x, params, matmul, broadcast_bias, training, partial_sum=None,
-            dropout_seed=None):
+            dropout_seed=None, matmul_bias=None):
         """The expert FFN on any layout of routed tokens.
 
         Args:
@@ -209,19 +218,32 @@ class Experts(keras.layers.Layer):
                 sums the devices' partial products.
             dropout_seed: a seed for `layers.dropout.dropout`, or None for the
                 layer's own seed generator (a per-device program passes one).
+            matmul_bias: None, or fn(x, kernel, bias [E, 1, 1, b], activation)
+                -> act(matmul(x, kernel) + bias) in one op (activation None or
+                one of `FUSED_ACTIVATIONS`), used for the biased matmuls.
         """
         dtype = self.compute_dtype
         w = {name: ops.cast(value, dtype) for name, value in params.items()}
         x = ops.cast(x, dtype)
-        hidden = matmul(x, w["wi"])  # [..., h]
-        if self.use_bias:
-            hidden = hidden + broadcast_bias(w["bi"])
+        fuse = self.use_bias and matmul_bias is not None
+        fused_activation = (
+            self.activation if fuse and self.activation in FUSED_ACTIVATIONS else None
+        )
+        if fuse:
+            hidden = matmul_bias(x, w["wi"], w["bi"], fused_activation)  # [..., h]
+        else:
+            hidden = matmul(x, w["wi"])  # [..., h]
+            if self.use_bias:
+                hidden = hidden + broadcast_bias(w["bi"])
         gate = matmul(x, w["wi_gate"]) if self.gated else None
-        hidden = activate(self.activation, hidden, gate)
+        if fused_activation is None:
+            hidden = activate(self.activation, hidden, gate)
         if dropout_seed is None:
             hidden = self.dropout_layer(hidden, training=training)
         elif training and self.dropout > 0:
             hidden = dropout(hidden, self.dropout, seed=dropout_seed)
+        if fuse and partial_sum is None:
+            return matmul_bias(hidden, w["wo"], w["bo"], None)  # [..., d]
         outputs = matmul(hidden, w["wo"])  # [..., d]
         if partial_sum is not None:
             outputs = partial_sum(outputs)

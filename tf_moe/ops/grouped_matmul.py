@@ -89,6 +89,7 @@ LIBRARY = NativeLibrary(
     targets={
         "tf_moe_grouped_matmul": "TfMoeGroupedMatmul",
         "tf_moe_grouped_matmul_kernel_grad": "TfMoeGroupedMatmulKernelGrad",
+        "tf_moe_grouped_matmul_bias": "TfMoeGroupedMatmulBias",
     },
     # d rows and d kernel in one call (saves a stream synchronization on GPUs).
     cuda_targets={"tf_moe_grouped_matmul_grad": "TfMoeGroupedMatmulGrad"},
@@ -142,6 +143,25 @@ def _jax_ffi_kernel_grad(rows, grad, group_sizes):
     )
 
 
+def _jax_grouped_matmul_grads(rows, kernel, group_sizes, grad):
+    """d rows [N, a] and d kernel [E, a, b] of out = grouped(rows, kernel)
+    for the cotangent grad [N, b]."""
+    import jax
+
+    grad = grad.astype(rows.dtype)
+    if jax_platform() == "gpu":
+        # One call for both (one read of group_sizes; the GEMMs of both
+        # run together over the CUDA streams).
+        return jax_ffi_call(
+            "tf_moe_grouped_matmul_grad",
+            (jax.ShapeDtypeStruct(rows.shape, rows.dtype),
+             jax.ShapeDtypeStruct(kernel.shape, kernel.dtype)),
+            rows, kernel, grad, group_sizes,
+        )
+    d_rows = _jax_ffi_grouped_matmul(grad, kernel, group_sizes, transpose_kernel=True)
+    return d_rows, _jax_ffi_kernel_grad(rows, grad, group_sizes)
+
+
 @functools.lru_cache(maxsize=None)
 def _jax_grouped_matmul():
     """The custom-call grouped matmul with its VJP (JAX)."""
@@ -157,23 +177,69 @@ def _jax_grouped_matmul():
 
     def grouped_bwd(residuals, grad):
         rows, kernel, group_sizes = residuals
-        grad = grad.astype(rows.dtype)
-        if jax_platform() == "gpu":
-            # One call for both (one read of group_sizes; the GEMMs of both
-            # run together over the CUDA streams).
-            d_rows, d_kernel = jax_ffi_call(
-                "tf_moe_grouped_matmul_grad",
-                (jax.ShapeDtypeStruct(rows.shape, rows.dtype),
-                 jax.ShapeDtypeStruct(kernel.shape, kernel.dtype)),
-                rows, kernel, grad, group_sizes,
-            )
-        else:
-            d_rows = _jax_ffi_grouped_matmul(grad, kernel, group_sizes, transpose_kernel=True)
-            d_kernel = _jax_ffi_kernel_grad(rows, grad, group_sizes)
+        d_rows, d_kernel = _jax_grouped_matmul_grads(rows, kernel, group_sizes, grad)
         return d_rows, d_kernel, np.zeros(group_sizes.shape, jax.dtypes.float0)
 
     grouped.defvjp(grouped_fwd, grouped_bwd)
     return grouped
+
+
+# The activations the FFI call fuses after its bias (its `activation` attribute).
+FUSED_ACTIVATIONS = {None: 0, "relu": 1}
+
+
+def _jax_ffi_grouped_matmul_bias(rows, kernel, bias, group_sizes, activation):
+    """The FFI call: act(rows_e @ K_e + bias_e) per segment, [N, b] (0 past
+    the last segment). No gradient."""
+    import jax
+    import numpy as np
+
+    LIBRARY.register_jax()
+    return jax_ffi_call(
+        "tf_moe_grouped_matmul_bias",
+        jax.ShapeDtypeStruct((rows.shape[0], kernel.shape[2]), rows.dtype),
+        rows, kernel, bias, group_sizes,
+        activation=np.int64(FUSED_ACTIVATIONS[activation]),
+    )
+
+
+@functools.lru_cache(maxsize=None)
+def _jax_grouped_matmul_bias(activation):
+    """The fused custom call with its VJP (JAX), for one activation."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    @jax.custom_vjp
+    def fused(rows, kernel, bias, group_sizes, expert):
+        return _jax_ffi_grouped_matmul_bias(rows, kernel, bias, group_sizes, activation)
+
+    def fused_fwd(rows, kernel, bias, group_sizes, expert):
+        out = _jax_ffi_grouped_matmul_bias(rows, kernel, bias, group_sizes, activation)
+        return out, (rows, kernel, group_sizes, expert, out)
+
+    def fused_bwd(residuals, grad):
+        rows, kernel, group_sizes, expert, out = residuals
+        grad = grad.astype(rows.dtype)
+        if activation == "relu":
+            # relu' from the output: out > 0 exactly where the pre-activation is.
+            grad = jnp.where(out > 0, grad, jnp.zeros_like(grad))  # [N, b]
+        num_experts = kernel.shape[0]
+        # d bias_e = the sum of segment e's rows of grad: a one-hot matmul
+        # (see `tf_moe.layers.experts._row_bias` for why not a scatter); rows
+        # past the last segment have expert E and drop out. HIGHEST: a float32
+        # sum, not TF32's (GPUs' default for float32 dots, ~1e-3 off).
+        onehot = jax.nn.one_hot(expert, num_experts, dtype=grad.dtype)  # [N, E]
+        d_bias = jnp.einsum(
+            "ne,nb->eb", onehot, grad, preferred_element_type=jnp.float32,
+            precision=jax.lax.Precision.HIGHEST,
+        ).astype(rows.dtype)
+        d_rows, d_kernel = _jax_grouped_matmul_grads(rows, kernel, group_sizes, grad)
+        zero = np.zeros(group_sizes.shape, jax.dtypes.float0)
+        return d_rows, d_kernel, d_bias, zero, np.zeros(expert.shape, jax.dtypes.float0)
+
+    fused.defvjp(fused_fwd, fused_bwd)
+    return fused
 
 
 def _jax_call(rows, kernel, group_sizes):
@@ -259,3 +325,60 @@ def grouped_matmul(rows, kernel, layout, implementation="auto"):
     tiles = ops.reshape(rows, (-1, tile, a))
     out = ops.einsum("tra,tab->trb", tiles, weights)
     return ops.reshape(out, (-1, b))
+
+
+def grouped_matmul_bias(rows, kernel, bias, layout, activation=None,
+                        implementation="auto"):
+    """act(rows[r] @ kernel[e(r)] + bias[e(r)]), with gradients: the first
+    layer of the dropless expert FFN in one op.
+
+    On JAX with the custom call, one FFI call computes it with the bias and
+    the activation in the GEMM's epilogue (on Hopper GPUs, the CUTLASS
+    kernel's; on other GPUs and CPUs, a pass after the GEMMs), so the
+    pre-activation [N, b] is never written; the gradient takes relu' from
+    the output. Elsewhere (TensorFlow, "ragged_dot", "reference") it is
+    `grouped_matmul`, a bias and the activation, the same function.
+
+    Args:
+        rows: [N, a] float32, bfloat16 or float16 rows sorted by expert.
+        kernel: [E, a, b]; bias: [E, b]; both cast to the dtype of `rows`.
+        layout: a `tf_moe.ops.dropless.DroplessLayout` with `num_rows` N.
+        activation: None or one of `FUSED_ACTIVATIONS` ("relu").
+        implementation: as for `grouped_matmul`.
+
+    Returns:
+        [N, b] of the dtype of `rows`; 0 for rows past the last segment.
+
+    Raises:
+        ValueError: unknown `activation` or `implementation`, or a `bias`
+            that is not [E, b].
+        CustomCallUnavailableError: as for `grouped_matmul`.
+    """
+    if activation not in FUSED_ACTIVATIONS:
+        raise ValueError(
+            f"`activation` must be one of {tuple(FUSED_ACTIVATIONS)}. "
+            f"Received: activation={activation!r}"
+        )
+    num_experts, a, b = kernel.shape
+    if tuple(bias.shape) != (num_experts, b):
+        raise ValueError(
+            f"`bias` must be [E, b] = [{num_experts}, {b}] for a kernel of "
+            f"shape {tuple(kernel.shape)}. Received: bias.shape={tuple(bias.shape)}"
+        )
+    implementation = resolve_implementation(implementation)
+    kernel = ops.cast(kernel, rows.dtype)
+    bias = ops.cast(bias, rows.dtype)
+    if implementation == "custom_call" and keras.backend.backend() == "jax":
+        import jax.numpy as jnp
+
+        require_available()
+        return _jax_grouped_matmul_bias(activation)(
+            rows, kernel, bias, jnp.asarray(layout.group_sizes, jnp.int32),
+            row_expert(layout),
+        )
+    out = grouped_matmul(rows, kernel, layout, implementation)
+    # bias [E, b] -> each row's, 0 past the last segment (a one-hot matmul,
+    # see `tf_moe.layers.experts._row_bias`).
+    onehot = ops.one_hot(row_expert(layout), num_experts, dtype=out.dtype)  # [N, E]
+    out = out + ops.matmul(onehot, bias)
+    return ops.relu(out) if activation == "relu" else out

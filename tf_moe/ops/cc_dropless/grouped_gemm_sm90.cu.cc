@@ -16,11 +16,17 @@
 //   kKernelGrad        M = a, N = b, K = m_e (ragged): A = rows_e^T
 //                      (M-major, "ColumnMajor"), B = grad_e (N-major), D = dK_e.
 // Empty experts get M = 0 (no tiles); their dK_e is zeroed by ZeroExperts.
+//
+// The fused bias (kRowsTimesKernel with GroupedGemm::bias) is a second
+// epilogue, an epilogue visitor tree (BiasActivation): CUTLASS's ptr-array
+// epilogue has no per-group bias of its own, but its row broadcast takes an
+// array of per-group pointers (bias_e = bias + e * b, in the table).
 
 #include "tf_moe/ops/cc_dropless/grouped_gemm_sm90.h"
 
 #include <cub/block/block_scan.cuh>
 
+#include <cmath>
 #include <mutex>
 #include <unordered_map>
 
@@ -28,6 +34,8 @@
 #include "cutlass/cutlass.h"
 #include "cutlass/epilogue/collective/collective_builder.hpp"
 #include "cutlass/epilogue/fusion/operations.hpp"
+#include "cutlass/epilogue/fusion/sm90_callbacks_tma_warpspecialized.hpp"
+#include "cutlass/epilogue/thread/activation.h"
 #include "cutlass/gemm/collective/collective_builder.hpp"
 #include "cutlass/gemm/device/gemm_universal_adapter.h"
 #include "cutlass/gemm/dispatch_policy.hpp"
@@ -46,6 +54,25 @@ using UnderlyingShape = typename ProblemShape::UnderlyingProblemShape;
 using RowMajor = cutlass::layout::RowMajor;
 using ColumnMajor = cutlass::layout::ColumnMajor;
 
+// The fused epilogue: D = act(acc + bias_e) in float, rounded once to T.
+// bias_e is a row broadcast (stride 0 in M, 1 in N) whose element T*
+// makes its pointer an array indexed by the group. act is a lower bound
+// given at run time (-inf: none, 0: relu; NaN-propagating max, like
+// CUTLASS's ReLu): one max per element whichever the activation, so one
+// kernel serves both and the fused configs add 4 kernels, not 8.
+template <class T, class TileShape>
+using BiasActivation = cutlass::epilogue::fusion::Sm90EVT<
+    cutlass::epilogue::fusion::Sm90Compute<
+        cutlass::epilogue::thread::LowerBound, T, float,
+        cutlass::FloatRoundStyle::round_to_nearest>,
+    cutlass::epilogue::fusion::Sm90EVT<
+        cutlass::epilogue::fusion::Sm90Compute<
+            cutlass::plus, float, float,
+            cutlass::FloatRoundStyle::round_to_nearest>,
+        cutlass::epilogue::fusion::Sm90AccFetch,
+        cutlass::epilogue::fusion::Sm90RowBroadcast<0, TileShape, T*, float,
+                                                    Stride<_0, _1, _0>>>>;
+
 // One kernel configuration: the cooperative schedule (two consumer
 // warpgroups share a 128 x 256 tile), C not read (ElementC = void), and a
 // cluster of two CTAs that share (multicast) one operand tile: 1 x 2 (the
@@ -53,20 +80,25 @@ using ColumnMajor = cutlass::layout::ColumnMajor;
 // (an expert's M) leaves no CTA of the pair idle; 2 x 1 pairs two M tiles
 // and shares the larger weight tile, but idles half a cluster on an
 // expert's last, odd M tile. Which wins is measured on the GPU
-// (benchmarks/gpu_grouped_gemm.sh; TF_MOE_CUTLASS_CLUSTER).
-template <class T, class LayoutA, class LayoutB, int kClusterM>
+// (benchmarks/gpu_grouped_gemm.sh; TF_MOE_CUTLASS_CLUSTER). kBias: the
+// BiasActivation epilogue instead of D = acc (kRowsTimesKernel only).
+template <class T, class LayoutA, class LayoutB, int kClusterM,
+          bool kBias = false>
 struct Config {
   using TileShape = Shape<_128, _256, _64>;
   using ClusterShape = Shape<Int<kClusterM>, Int<3 - kClusterM>, _1>;
   static constexpr int kAlignment = 8;  // 16 bytes of 16-bit elements
+  static constexpr bool kHasBias = kBias;
 
+  using Fusion = cute::conditional_t<
+      kBias, BiasActivation<T, TileShape>,
+      cutlass::epilogue::fusion::LinearCombination<T, float, void, float>>;
   using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape,
       ClusterShape, cutlass::epilogue::collective::EpilogueTileAuto, float,
       float, void, RowMajor*, kAlignment, T, RowMajor*, kAlignment,
       cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative,
-      cutlass::epilogue::fusion::LinearCombination<T, float, void, float>>::
-      CollectiveOp;
+      Fusion>::CollectiveOp;
 
   using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, T, LayoutA*,
@@ -90,6 +122,7 @@ struct Table {
   const T** a;
   const T** b;
   T** d;
+  const T** bias;  // bias_e [b] (read only by the fused epilogue)
   typename C::StrideA* stride_a;
   typename C::StrideB* stride_b;
   typename C::StrideD* stride_d;
@@ -100,7 +133,7 @@ constexpr size_t Align(size_t n) { return (n + 255) / 256 * 256; }
 
 template <class C, class T>
 size_t TableBytes(int64_t e) {
-  return Align(e * sizeof(UnderlyingShape)) + 3 * Align(e * sizeof(void*)) +
+  return Align(e * sizeof(UnderlyingShape)) + 4 * Align(e * sizeof(void*)) +
          Align(e * sizeof(typename C::StrideA)) +
          Align(e * sizeof(typename C::StrideB)) +
          Align(e * sizeof(typename C::StrideD)) + Align(sizeof(int64_t));
@@ -114,6 +147,7 @@ Table<C, T> CarveTable(char* p, int64_t e) {
   t.a = reinterpret_cast<const T**>(take(e * sizeof(void*)));
   t.b = reinterpret_cast<const T**>(take(e * sizeof(void*)));
   t.d = reinterpret_cast<T**>(take(e * sizeof(void*)));
+  t.bias = reinterpret_cast<const T**>(take(e * sizeof(void*)));
   t.stride_a = reinterpret_cast<typename C::StrideA*>(take(e * sizeof(typename C::StrideA)));
   t.stride_b = reinterpret_cast<typename C::StrideB*>(take(e * sizeof(typename C::StrideB)));
   t.stride_d = reinterpret_cast<typename C::StrideD*>(take(e * sizeof(typename C::StrideD)));
@@ -130,7 +164,7 @@ template <class C, class T>
 __global__ void __launch_bounds__(kTableThreads)
 BuildTable(GroupedGemmOp op, const int32_t* __restrict__ sizes, int64_t e,
            int64_t n, int64_t a, int64_t b, const T* rows, const T* other,
-           T* out, Table<C, T> t, int* error_flag) {
+           const T* bias, T* out, Table<C, T> t, int* error_flag) {
   using Scan = cub::BlockScan<int64_t, kTableThreads>;
   __shared__ typename Scan::TempStorage scan_storage;
   const int64_t per_thread = (e + kTableThreads - 1) / kTableThreads;
@@ -158,6 +192,7 @@ BuildTable(GroupedGemmOp op, const int32_t* __restrict__ sizes, int64_t e,
         t.a[i] = rows + start * a;
         t.b[i] = other + i * a * b;
         t.d[i] = out + start * b;
+        if constexpr (C::kHasBias) t.bias[i] = bias + i * b;
         t.stride_a[i] = cutlass::make_cute_packed_stride(
             typename C::StrideA{}, make_shape(m, int(a), 1));
         t.stride_b[i] = cutlass::make_cute_packed_stride(
@@ -234,8 +269,16 @@ typename C::Gemm::Arguments MakeArguments(const GroupedGemm& g, int device,
       {t.a, t.stride_a, t.b, t.stride_b},
       {{}, nullptr, t.stride_d, t.d, t.stride_d},
       hw};
-  args.epilogue.thread.alpha = 1.0f;
-  args.epilogue.thread.beta = 0.0f;
+  if constexpr (C::kHasBias) {
+    // BiasActivation's arguments: op_0 (acc + bias: op_1 the bias), op_1
+    // the lower bound.
+    args.epilogue.thread.op_0.op_1.ptr_row = t.bias;
+    args.epilogue.thread.op_1.lower_bound =
+        g.activation == 1 ? 0.0f : -INFINITY;
+  } else {
+    args.epilogue.thread.alpha = 1.0f;
+    args.epilogue.thread.beta = 0.0f;
+  }
   return args;
 }
 
@@ -257,7 +300,7 @@ std::string RunFor(const GroupedGemm& g, int device, void* scratch,
   T* out = static_cast<T*>(g.out);
   BuildTable<C, T><<<1, kTableThreads, 0, stream>>>(
       g.op, g.group_sizes, g.num_experts, g.num_rows, g.a, g.b, rows, other,
-      out, t, g.error_flag);
+      static_cast<const T*>(g.bias), out, t, g.error_flag);
   const int sms = SmCount(device);
   if (g.op == GroupedGemmOp::kKernelGrad) {
     const int64_t expert_vectors = g.a * g.b / 8;
@@ -265,6 +308,8 @@ std::string RunFor(const GroupedGemm& g, int device, void* scratch,
     ZeroExperts<<<dim3(blocks, g.num_experts), 256, 0, stream>>>(
         g.group_sizes, t.used, expert_vectors, static_cast<uint4*>(g.out));
   } else {
+    // Also with the fused bias: the tail is in no group's M, so the GEMM
+    // never writes it (0, not act(bias)).
     ZeroTail<<<2 * sms, 256, 0, stream>>>(t.used, g.num_rows, g.b,
                                           static_cast<uint4*>(g.out));
   }
@@ -290,11 +335,15 @@ std::string RunFor(const GroupedGemm& g, int device, void* scratch,
   return "";
 }
 
-// The three kernels of one element type T and cluster, by op.
+// The four kernels of one element type T and cluster, by op (and bias).
 template <class T, int kClusterM>
 size_t ScratchBytesOf(const GroupedGemm& g, int device) {
   switch (g.op) {
     case GroupedGemmOp::kRowsTimesKernel:
+      if (g.bias != nullptr) {
+        return ScratchBytesFor<Config<T, RowMajor, RowMajor, kClusterM, true>, T>(
+            g, device);
+      }
       return ScratchBytesFor<Config<T, RowMajor, RowMajor, kClusterM>, T>(g, device);
     case GroupedGemmOp::kRowsTimesKernelT:
       return ScratchBytesFor<Config<T, RowMajor, ColumnMajor, kClusterM>, T>(g, device);
@@ -309,6 +358,10 @@ std::string RunOf(const GroupedGemm& g, int device, void* scratch,
                   cudaStream_t stream) {
   switch (g.op) {
     case GroupedGemmOp::kRowsTimesKernel:
+      if (g.bias != nullptr) {
+        return RunFor<Config<T, RowMajor, RowMajor, kClusterM, true>, T>(
+            g, device, scratch, stream);
+      }
       return RunFor<Config<T, RowMajor, RowMajor, kClusterM>, T>(g, device, scratch, stream);
     case GroupedGemmOp::kRowsTimesKernelT:
       return RunFor<Config<T, RowMajor, ColumnMajor, kClusterM>, T>(g, device, scratch,
@@ -334,7 +387,9 @@ bool Supported(const GroupedGemm& g, int device) {
   return major == 9 && minor == 0 && g.num_experts > 0 &&
          g.num_experts <= 65535 && g.a > 0 && g.b > 0 &&
          g.a % 8 == 0 && g.b % 8 == 0 && g.num_rows < kMax && g.a < kMax &&
-         g.b < kMax && Aligned(g.rows) && Aligned(g.other) && Aligned(g.out);
+         g.b < kMax && Aligned(g.rows) && Aligned(g.other) && Aligned(g.out) &&
+         (g.bias == nullptr ||
+          (g.op == GroupedGemmOp::kRowsTimesKernel && Aligned(g.bias)));
 }
 
 size_t ScratchBytes(const GroupedGemm& g, int device) {

@@ -8,6 +8,10 @@
 //   kRowsTimesKernelT   out_e [m_e, b] = rows_e [m_e, a] @ K_e^T, K_e [b, a]
 //   kKernelGrad         dK_e [a, b] = rows_e^T [a, m_e] @ grad_e [m_e, b]
 //
+// kRowsTimesKernel also fuses a per-expert bias and an optional relu:
+// out_e = act(rows_e @ K_e + bias_e) (GroupedGemm::bias set; float32
+// accumulation, bias and relu, one rounding).
+//
 // rows_e is segment e of rows [N, a] (segments in expert order, starting at
 // row 0; m = group_sizes). Rows past the last segment give 0 and experts
 // without rows get dK_e = 0, as in the cuBLAS and CPU handlers.
@@ -46,11 +50,14 @@ struct GroupedGemm {
   void* out;                   // [N, b], or dK [E, a, b]
   int* error_flag;             // device pointer of the mapped host flag
   int cluster_m = 1;           // CTA cluster 1 x 2 (1) or 2 x 1 (2)
+  const void* bias = nullptr;  // [E, b], kRowsTimesKernel only (or nullptr)
+  int activation = 0;          // with bias: 0 none, 1 relu
 };
 
 // Whether this GPU and these sizes can take the kernel: compute capability
 // 9.0, a and b multiples of 8 (16-byte TMA rows), 16-byte aligned buffers,
-// sizes within int32. Otherwise the handlers use cuBLAS.
+// sizes within int32, a bias only on kRowsTimesKernel. Otherwise the
+// handlers use cuBLAS.
 bool Supported(const GroupedGemm& g, int device);
 
 // Device scratch bytes Run needs (problem table and CUTLASS workspace).

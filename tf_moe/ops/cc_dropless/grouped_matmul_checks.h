@@ -70,6 +70,43 @@ inline ffi::Error CheckGroupedMatmul(const ffi::AnyBuffer& rows,
   return ffi::Error::Success();
 }
 
+// The `activation` attribute of the fused bias call.
+enum class FusedActivation : int64_t { kNone = 0, kRelu = 1 };
+
+// out = act(grouped_matmul(rows, kernel [E, a, b]) + bias [E, b]) -> [N, b],
+// one dtype: the activation, the checks of CheckGroupedMatmul (kernel not
+// transposed), then bias.
+inline ffi::Error CheckGroupedMatmulBias(
+    const ffi::AnyBuffer& rows, const ffi::AnyBuffer& kernel,
+    const ffi::AnyBuffer& bias, const ffi::Buffer<ffi::S32>& group_sizes,
+    int64_t activation, const ffi::AnyBuffer& out) {
+  if (activation != static_cast<int64_t>(FusedActivation::kNone) &&
+      activation != static_cast<int64_t>(FusedActivation::kRelu)) {
+    return ffi::Error::InvalidArgument(
+        "tf_moe: `activation` must be 0 (none) or 1 (relu). Received: "
+        "activation=" + std::to_string(activation));
+  }
+  if (auto e = CheckGroupedMatmul(rows, kernel, group_sizes,
+                                  /*transpose_kernel=*/0, out);
+      !e.success()) {
+    return e;
+  }
+  auto k = kernel.dimensions();
+  auto c = bias.dimensions();
+  if (c.size() != 2 || c[0] != k[0] || c[1] != k[2]) {
+    return ffi::Error::InvalidArgument(
+        "tf_moe: `bias` must be [E, b] = [" + std::to_string(k[0]) + ", " +
+        std::to_string(k[2]) + "]. Received: bias.shape=" + DimsToString(c));
+  }
+  if (bias.element_type() != rows.element_type()) {
+    return ffi::Error::InvalidArgument(
+        "tf_moe: `bias` must have the dtype of `rows`. Received: XLA FFI "
+        "dtypes bias=" + std::to_string(static_cast<int>(bias.element_type())) +
+        ", rows=" + std::to_string(static_cast<int>(rows.element_type())));
+  }
+  return ffi::Error::Success();
+}
+
 // kernel_grad [E, a, b] of rows [N, a], grad [N, b], group_sizes [E], one
 // dtype.
 inline ffi::Error CheckKernelGrad(const ffi::AnyBuffer& rows,

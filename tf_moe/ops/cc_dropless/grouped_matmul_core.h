@@ -7,6 +7,9 @@
 //
 //   GroupedMatmul:   out[r] = rows[r] @ K[e(r)]     K [E, a, b]
 //                    (transpose_kernel: K [E, b, a], out[r] = rows[r] @ K[e(r)]^T)
+//                    (bias: out[r] = act(rows[r] @ K[e(r)] + bias[e(r)]),
+//                    bias [E, b], act none or relu; rows past the last
+//                    segment still give 0, not act(bias))
 //   GroupedMatmulKernelGrad:
 //                    dK[e] = rows_e^T @ grad_e       dK [E, a, b]; 0 for
 //                    empty experts.
@@ -15,8 +18,8 @@
 // has no grouped matmul (jax.lax.ragged_dot lowers densely on CPU: every row
 // times every expert's kernel, then a mask; E times the FLOPs). float32
 // segments are mapped in place; bfloat16/float16 ones are converted to float32
-// in chunks of rows and multiplied in float32. Accumulates in float32 and
-// rounds once to T. The tasks (forward: blocks of a segment's rows; kernel
+// in chunks of rows and multiplied in float32. Accumulates in float32 (the
+// bias added and relu applied in float32 too) and rounds once to T. The tasks (forward: blocks of a segment's rows; kernel
 // gradient: blocks of an expert's kernel_grad rows) run through a ParallelFor
 // the caller supplies; each is one single-threaded Eigen GEMM (or a few, for
 // 16-bit chunks).
@@ -103,6 +106,19 @@ inline const ParallelFor& Runner(const ParallelFor& parallel_for,
   return flops >= kMinParallelFlops ? parallel_for : serial;
 }
 
+// y [m, b] = act(y + bias [b]) in float, before the one rounding to T.
+// relu keeps NaN (NaN < 0 is false), as jax.nn.relu and CUTLASS's ReLu do.
+inline void AddBiasActivation(const float* bias, bool relu, int64_t m,
+                              int64_t b, float* y) {
+  for (int64_t i = 0; i < m; ++i) {
+    float* row = y + i * b;
+    for (int64_t j = 0; j < b; ++j) {
+      const float v = row[j] + bias[j];
+      row[j] = relu && v < 0.0f ? 0.0f : v;
+    }
+  }
+}
+
 // Starts of the segments: start[e] = sum of sizes before e; start[E] = end.
 inline std::vector<int64_t> SegmentStarts(const int32_t* group_sizes,
                                           int64_t num_experts) {
@@ -115,24 +131,32 @@ inline std::vector<int64_t> SegmentStarts(const int32_t* group_sizes,
 
 }  // namespace grouped_matmul_internal
 
-// rows [N, a], kernel [E, a, b] ([E, b, a] transposed) -> out [N, b].
+// rows [N, a], kernel [E, a, b] ([E, b, a] transposed) -> out [N, b]; with
+// `bias` [E, b]: out[r] = act(rows[r] @ K[e(r)] + bias[e(r)]), relu when
+// `relu` (no bias: no activation). 0 past the last segment.
 // Tasks: blocks of kTaskRows rows of one segment.
 template <typename T>
 void GroupedMatmul(const T* rows, const T* kernel, const int32_t* group_sizes,
                    int64_t num_rows, int64_t num_experts, int64_t a, int64_t b,
                    bool transpose_kernel, T* out,
-                   const ParallelFor& parallel_for = SerialFor) {
+                   const ParallelFor& parallel_for = SerialFor,
+                   const T* bias = nullptr, bool relu = false) {
   using namespace grouped_matmul_internal;  // NOLINT
   const std::vector<int64_t> start = SegmentStarts(group_sizes, num_experts);
   const int64_t used = start[num_experts];
   const ParallelFor& run = Runner(parallel_for, 2 * used * a * b);
-  // 16-bit kernels are converted to float once per non-empty expert.
-  std::vector<float> kernel_f;
+  // 16-bit kernels (and biases) are converted to float once per non-empty
+  // expert.
+  std::vector<float> kernel_f, bias_f;
   if constexpr (!std::is_same_v<T, float>) {
     kernel_f.resize(num_experts * a * b);
+    if (bias != nullptr) bias_f.resize(num_experts * b);
     run(num_experts, [&](int64_t e) {
       if (group_sizes[e] > 0) {
         ToFloatBuffer(kernel + e * a * b, a * b, kernel_f.data() + e * a * b);
+        if (bias != nullptr) {
+          ToFloatBuffer(bias + e * b, b, bias_f.data() + e * b);
+        }
       }
     });
   }
@@ -153,6 +177,9 @@ void GroupedMatmul(const T* rows, const T* kernel, const int32_t* group_sizes,
       MutableMap y(out + block.begin * b, m, b);
       SegmentGemm(x, kernel + block.expert * a * b, a, b, transpose_kernel,
                   &y);
+      if (bias != nullptr) {
+        AddBiasActivation(bias + block.expert * b, relu, m, b, y.data());
+      }
     } else {
       const float* k = kernel_f.data() + block.expert * a * b;
       const int64_t chunk = std::min(m, ChunkRows(std::max(a, b)));
@@ -163,6 +190,10 @@ void GroupedMatmul(const T* rows, const T* kernel, const int32_t* group_sizes,
         ConstMap x(rows_f.data(), c, a);
         MutableMap y(out_f.data(), c, b);
         SegmentGemm(x, k, a, b, transpose_kernel, &y);
+        if (bias != nullptr) {
+          AddBiasActivation(bias_f.data() + block.expert * b, relu, c, b,
+                            out_f.data());
+        }
         FromFloatBuffer(out_f.data(), c * b, out + r * b);
       }
     }

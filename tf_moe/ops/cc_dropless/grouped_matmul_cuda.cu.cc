@@ -3,6 +3,7 @@
 // handlers of grouped_matmul_ffi.cc.
 //
 //   out[start_e : start_e + m_e] = rows[start_e : start_e + m_e] @ K[e]
+//   (bias: act(rows[...] @ K[e] + bias[e]), act none or relu)
 //   dK[e] = rows[segment e]^T @ grad[segment e]
 //   start_e = m_0 + ... + m_{e-1}, m = group_sizes; rows past the last
 //   segment give 0, experts without rows get dK[e] = 0.
@@ -27,7 +28,10 @@
 //   TF_MOE_GEMM_STREAMS=n sets n, 1 = all on the XLA stream). `grouped`
 //   issues one `cublasGemmGroupedBatchedEx` launch (cuBLAS >= 12.5)
 //   instead; measured slower (docs/benchmarks.md).
-// Accumulation is float32 in both (CUBLAS_COMPUTE_32F, no TF32).
+// Accumulation is float32 in both (CUBLAS_COMPUTE_32F, no TF32). The fused
+// bias + activation is in the CUTLASS kernel's epilogue, and on the cuBLAS
+// path one elementwise kernel after the GEMMs (AddBiasRows; float32 math
+// there too, but the GEMM's output was rounded to the dtype first).
 //
 // cuBLAS is not linked: it is found at run time in the process (JAX's XLA
 // has loaded libcublas.so.12 by the time a handler runs) with dlopen, so the
@@ -36,12 +40,15 @@
 //
 // Targets (JAX: jax.ffi.register_ffi_target(name, pycapsule, platform="CUDA")):
 //   tf_moe_grouped_matmul              TfMoeGroupedMatmulCuda
+//   tf_moe_grouped_matmul_bias         TfMoeGroupedMatmulBiasCuda
 //   tf_moe_grouped_matmul_kernel_grad  TfMoeGroupedMatmulKernelGradCuda
 //   tf_moe_grouped_matmul_grad         TfMoeGroupedMatmulGradCuda (CUDA only:
 //                                      d rows and d kernel in one call)
 //
 // Shape letters: N rows, a input dim, b output dim, E experts.
 
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <dlfcn.h>
 #include <library_types.h>
@@ -365,6 +372,90 @@ ffi::Error RunGemms(cudaStream_t stream, ffi::ScratchAllocator& scratch,
   return ffi::Error::Success();
 }
 
+// --- bias and activation after the cuBLAS GEMMs ---------------------------
+
+__device__ inline float ToF(float v) { return v; }
+__device__ inline float ToF(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ inline float ToF(__half v) { return __half2float(v); }
+template <typename T> __device__ T FromF(float v);
+template <> __device__ inline float FromF<float>(float v) { return v; }
+template <> __device__ inline __nv_bfloat16 FromF<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+template <> __device__ inline __half FromF<__half>(float v) {
+  return __float2half_rn(v);
+}
+
+// out[r] = act(out[r] + bias[e(r)]) [b] for the rows r < starts[E] (in
+// segments); the tail stays 0. One block per row (grid-stride); e(r), the
+// expert with starts[e] <= r < starts[e + 1] (never an empty one), by a
+// binary search of starts [E + 1]. relu keeps NaN, as on the CPU.
+template <typename T>
+__global__ void AddBiasRows(const int64_t* __restrict__ starts,
+                            int64_t num_experts, int64_t b,
+                            const T* __restrict__ bias, bool relu, T* out) {
+  const int64_t used = starts[num_experts];
+  for (int64_t r = blockIdx.x; r < used; r += gridDim.x) {
+    int64_t lo = 0, hi = num_experts;  // starts[lo] <= r < starts[hi]
+    while (hi - lo > 1) {
+      const int64_t mid = (lo + hi) / 2;
+      if (starts[mid] <= r) {
+        lo = mid;
+      } else {
+        hi = mid;
+      }
+    }
+    const T* bias_e = bias + lo * b;
+    T* row = out + r * b;
+    for (int64_t j = threadIdx.x; j < b; j += blockDim.x) {
+      const float v = ToF(row[j]) + ToF(bias_e[j]);
+      row[j] = FromF<T>(relu && v < 0.0f ? 0.0f : v);
+    }
+  }
+}
+
+// Enqueues AddBiasRows on `stream` (after the GEMMs, which RunGemms joined
+// into it). The segment starts go to the device through scratch memory.
+ffi::Error AddBias(cudaStream_t stream, ffi::ScratchAllocator& scratch,
+                   ffi::DataType dtype, const Segments& seg, int64_t b,
+                   const void* bias, bool relu, void* out) {
+  if (seg.used() == 0 || b == 0) return ffi::Error::Success();
+  const size_t bytes = seg.starts.size() * sizeof(int64_t);
+  auto memory = scratch.Allocate(bytes, alignof(int64_t));
+  if (!memory.has_value()) {
+    return ffi::Error::Internal("tf_moe: cannot allocate CUDA scratch memory");
+  }
+  auto* starts = static_cast<int64_t*>(*memory);
+  cudaMemcpyAsync(starts, seg.starts.data(), bytes, cudaMemcpyHostToDevice,
+                  stream);
+  const int64_t num_experts = static_cast<int64_t>(seg.sizes.size());
+  const int blocks = static_cast<int>(std::min<int64_t>(seg.used(), 4096));
+  const int threads = b >= 256 ? 256 : 128;
+  switch (dtype) {
+    case ffi::F32:
+      AddBiasRows<<<blocks, threads, 0, stream>>>(
+          starts, num_experts, b, static_cast<const float*>(bias), relu,
+          static_cast<float*>(out));
+      break;
+    case ffi::BF16:
+      AddBiasRows<<<blocks, threads, 0, stream>>>(
+          starts, num_experts, b, static_cast<const __nv_bfloat16*>(bias),
+          relu, static_cast<__nv_bfloat16*>(out));
+      break;
+    default:  // F16 (CudaDataType took only these three)
+      AddBiasRows<<<blocks, threads, 0, stream>>>(
+          starts, num_experts, b, static_cast<const __half*>(bias), relu,
+          static_cast<__half*>(out));
+      break;
+  }
+  if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) {
+    return ffi::Error::Internal(
+        std::string("tf_moe: launching the grouped matmul's bias kernel "
+                    "failed: ") + cudaGetErrorString(e));
+  }
+  return ffi::Error::Success();
+}
+
 // --- the CUTLASS kernel (sm90) --------------------------------------------------
 
 // TF_MOE_GROUPED_GEMM: "cutlass" (the default; where UseCutlass accepts
@@ -509,22 +600,22 @@ ffi::Error Prepare(cudaStream_t stream, const ffi::AnyBuffer& rows,
   return ReadGroupSizes(stream, group_sizes, rows.dimensions()[0], seg);
 }
 
-ffi::Error GroupedMatmulCuda(cudaStream_t stream, ffi::ScratchAllocator scratch,
-                             ffi::AnyBuffer rows, ffi::AnyBuffer kernel,
-                             ffi::Buffer<ffi::S32> group_sizes,
-                             int64_t transpose_kernel,
-                             ffi::Result<ffi::AnyBuffer> out) {
-  if (auto e = CheckGroupedMatmul(rows, kernel, group_sizes, transpose_kernel,
-                                  *out);
-      !e.success()) {
-    return e;
-  }
+// The forward product after its checks: out = rows @ K[e] per segment, or
+// act(rows @ K[e] + bias[e]) with `bias` (CUTLASS fuses bias and activation
+// into the GEMM's epilogue; cuBLAS runs the plain GEMMs into `out`, then
+// AddBias).
+ffi::Error Forward(cudaStream_t stream, ffi::ScratchAllocator& scratch,
+                   ffi::AnyBuffer rows, ffi::AnyBuffer kernel,
+                   ffi::Buffer<ffi::S32> group_sizes, bool transpose_kernel,
+                   const void* bias, bool relu, ffi::AnyBuffer out) {
   auto r = rows.dimensions();
-  auto o = out->dimensions();
-  auto g = MakeGemm(transpose_kernel != 0 ? sm90::GroupedGemmOp::kRowsTimesKernelT
-                                          : sm90::GroupedGemmOp::kRowsTimesKernel,
+  auto o = out.dimensions();
+  auto g = MakeGemm(transpose_kernel ? sm90::GroupedGemmOp::kRowsTimesKernelT
+                                     : sm90::GroupedGemmOp::kRowsTimesKernel,
                     rows.untyped_data(), kernel.untyped_data(), r[0], r[1], o[1],
-                    out->untyped_data());
+                    out.untyped_data());
+  g.bias = bias;
+  g.activation = relu ? 1 : 0;
   int device;
   bool cutlass;
   if (auto e = UseCutlass(stream, rows.element_type(), group_sizes, {&g}, &device, &cutlass);
@@ -539,13 +630,47 @@ ffi::Error GroupedMatmulCuda(cudaStream_t stream, ffi::ScratchAllocator scratch,
       !e.success()) {
     return e;
   }
-  auto* out_data = static_cast<char*>(out->untyped_data());
+  auto* out_data = static_cast<char*>(out.untyped_data());
   ZeroRowTail(stream, seg, r[0], o[1], r[1], bytes, out_data);
   Problems p;
   AddMatmuls(seg, static_cast<const char*>(rows.untyped_data()),
              static_cast<const char*>(kernel.untyped_data()), r[1], o[1],
-             transpose_kernel != 0, bytes, out_data, &p);
-  return RunGemms(stream, scratch, type, p);
+             transpose_kernel, bytes, out_data, &p);
+  if (auto e = RunGemms(stream, scratch, type, p); !e.success()) return e;
+  if (bias == nullptr) return ffi::Error::Success();
+  return AddBias(stream, scratch, rows.element_type(), seg, o[1], bias, relu,
+                 out_data);
+}
+
+ffi::Error GroupedMatmulCuda(cudaStream_t stream, ffi::ScratchAllocator scratch,
+                             ffi::AnyBuffer rows, ffi::AnyBuffer kernel,
+                             ffi::Buffer<ffi::S32> group_sizes,
+                             int64_t transpose_kernel,
+                             ffi::Result<ffi::AnyBuffer> out) {
+  if (auto e = CheckGroupedMatmul(rows, kernel, group_sizes, transpose_kernel,
+                                  *out);
+      !e.success()) {
+    return e;
+  }
+  return Forward(stream, scratch, rows, kernel, group_sizes,
+                 transpose_kernel != 0, /*bias=*/nullptr, /*relu=*/false, *out);
+}
+
+ffi::Error GroupedMatmulBiasCuda(cudaStream_t stream,
+                                 ffi::ScratchAllocator scratch,
+                                 ffi::AnyBuffer rows, ffi::AnyBuffer kernel,
+                                 ffi::AnyBuffer bias,
+                                 ffi::Buffer<ffi::S32> group_sizes,
+                                 int64_t activation,
+                                 ffi::Result<ffi::AnyBuffer> out) {
+  if (auto e = CheckGroupedMatmulBias(rows, kernel, bias, group_sizes,
+                                      activation, *out);
+      !e.success()) {
+    return e;
+  }
+  return Forward(stream, scratch, rows, kernel, group_sizes,
+                 /*transpose_kernel=*/false, bias.untyped_data(),
+                 activation == static_cast<int64_t>(FusedActivation::kRelu), *out);
 }
 
 ffi::Error GroupedMatmulKernelGradCuda(
@@ -664,6 +789,18 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
         .Arg<xla::ffi::AnyBuffer>()               // kernel [E, a, b] / [E, b, a]
         .Arg<xla::ffi::Buffer<xla::ffi::S32>>()   // group_sizes [E]
         .Attr<int64_t>("transpose_kernel")        // 0 or 1
+        .Ret<xla::ffi::AnyBuffer>());             // out [N, b]
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    TfMoeGroupedMatmulBiasCuda, tf_moe::GroupedMatmulBiasCuda,
+    xla::ffi::Ffi::Bind()
+        .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()
+        .Ctx<xla::ffi::ScratchAllocator>()
+        .Arg<xla::ffi::AnyBuffer>()               // rows [N, a]
+        .Arg<xla::ffi::AnyBuffer>()               // kernel [E, a, b]
+        .Arg<xla::ffi::AnyBuffer>()               // bias [E, b]
+        .Arg<xla::ffi::Buffer<xla::ffi::S32>>()   // group_sizes [E]
+        .Attr<int64_t>("activation")              // 0 none, 1 relu
         .Ret<xla::ffi::AnyBuffer>());             // out [N, b]
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(

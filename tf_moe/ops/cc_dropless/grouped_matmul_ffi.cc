@@ -5,6 +5,8 @@
 //
 // Targets:
 //   tf_moe_grouped_matmul              TfMoeGroupedMatmulHost
+//   tf_moe_grouped_matmul_bias         TfMoeGroupedMatmulBiasHost (with a
+//                                      per-expert bias and relu fused)
 //   tf_moe_grouped_matmul_kernel_grad  TfMoeGroupedMatmulKernelGradHost
 //
 // Expert e's segment is rows [start_e, start_e + group_sizes[e]), start_e =
@@ -83,6 +85,26 @@ ffi::Error CheckSizes(const SizesBuffer& group_sizes, int64_t num_rows) {
   return ffi::Error::InvalidArgument("tf_moe: " + message);
 }
 
+// The forward product after its checks; `bias` [E, b] or nullptr.
+ffi::Error Forward(ffi::ThreadPool& pool, ffi::AnyBuffer rows,
+                   ffi::AnyBuffer kernel, SizesBuffer group_sizes,
+                   bool transpose_kernel, const void* bias, bool relu,
+                   ffi::AnyBuffer out) {
+  auto r = rows.dimensions();
+  auto k = kernel.dimensions();
+  auto o = out.dimensions();
+  if (auto e = CheckSizes(group_sizes, r[0]); !e.success()) return e;
+  return DispatchFloatType(rows.element_type(), [&](auto t) {
+    using T = decltype(t);
+    GroupedMatmul<T>(static_cast<const T*>(rows.untyped_data()),
+                     static_cast<const T*>(kernel.untyped_data()),
+                     group_sizes.typed_data(), r[0], k[0], r[1], o[1],
+                     transpose_kernel, static_cast<T*>(out.untyped_data()),
+                     PoolParallelFor(pool), static_cast<const T*>(bias), relu);
+    return ffi::Error::Success();
+  });
+}
+
 ffi::Error GroupedMatmulHost(ffi::ThreadPool pool, ffi::AnyBuffer rows,
                              ffi::AnyBuffer kernel, SizesBuffer group_sizes,
                              int64_t transpose_kernel,
@@ -92,20 +114,23 @@ ffi::Error GroupedMatmulHost(ffi::ThreadPool pool, ffi::AnyBuffer rows,
       !e.success()) {
     return e;
   }
-  auto r = rows.dimensions();
-  auto k = kernel.dimensions();
-  auto o = out->dimensions();
-  if (auto e = CheckSizes(group_sizes, r[0]); !e.success()) return e;
-  return DispatchFloatType(rows.element_type(), [&](auto t) {
-    using T = decltype(t);
-    GroupedMatmul<T>(static_cast<const T*>(rows.untyped_data()),
-                     static_cast<const T*>(kernel.untyped_data()),
-                     group_sizes.typed_data(), r[0], k[0], r[1], o[1],
-                     transpose_kernel != 0,
-                     static_cast<T*>(out->untyped_data()),
-                     PoolParallelFor(pool));
-    return ffi::Error::Success();
-  });
+  return Forward(pool, rows, kernel, group_sizes, transpose_kernel != 0,
+                 /*bias=*/nullptr, /*relu=*/false, *out);
+}
+
+ffi::Error GroupedMatmulBiasHost(ffi::ThreadPool pool, ffi::AnyBuffer rows,
+                                 ffi::AnyBuffer kernel, ffi::AnyBuffer bias,
+                                 SizesBuffer group_sizes, int64_t activation,
+                                 ffi::Result<ffi::AnyBuffer> out) {
+  if (auto e = CheckGroupedMatmulBias(rows, kernel, bias, group_sizes,
+                                      activation, *out);
+      !e.success()) {
+    return e;
+  }
+  return Forward(pool, rows, kernel, group_sizes, /*transpose_kernel=*/false,
+                 bias.untyped_data(),
+                 activation == static_cast<int64_t>(FusedActivation::kRelu),
+                 *out);
 }
 
 ffi::Error GroupedMatmulKernelGradHost(ffi::ThreadPool pool,
@@ -143,6 +168,17 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
         .Arg<xla::ffi::AnyBuffer>()               // kernel [E, a, b] / [E, b, a]
         .Arg<xla::ffi::Buffer<xla::ffi::S32>>()   // group_sizes [E]
         .Attr<int64_t>("transpose_kernel")        // 0 or 1
+        .Ret<xla::ffi::AnyBuffer>());             // out [N, b]
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    TfMoeGroupedMatmulBiasHost, tf_moe::GroupedMatmulBiasHost,
+    xla::ffi::Ffi::Bind()
+        .Ctx<xla::ffi::ThreadPool>()              // CPU tasks (may have none)
+        .Arg<xla::ffi::AnyBuffer>()               // rows [N, a]
+        .Arg<xla::ffi::AnyBuffer>()               // kernel [E, a, b]
+        .Arg<xla::ffi::AnyBuffer>()               // bias [E, b]
+        .Arg<xla::ffi::Buffer<xla::ffi::S32>>()   // group_sizes [E]
+        .Attr<int64_t>("activation")              // 0 none, 1 relu
         .Ret<xla::ffi::AnyBuffer>());             // out [N, b]
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
