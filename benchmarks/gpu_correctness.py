@@ -18,7 +18,9 @@ Dropless mode: the CUDA grouped matmul, both the Hopper CUTLASS kernel
 (bfloat16, float16) and the cuBLAS GEMMs, against a float64 numpy
 per-segment reference (output, d rows, d kernel; random, skewed and tiny
 segments, empty experts, one expert for all rows, an unused tail, the
-transposed kernel; the tail and empty experts' d kernel exactly 0), bad
+transposed kernel; the tail and empty experts' d kernel exactly 0), the
+same for `grouped_matmul_bias` (bias, and bias + relu, fused into the
+GEMM's epilogue; also d bias), bad
 `group_sizes` raising (deferred to the next call on the CUTLASS kernel), and a dropless `MoE` (custom_call, capacity_factor=None) against the
 gather `MoE` with C = S (outputs and gradients of a training step).
 Exit status 1 on any failure.
@@ -32,6 +34,7 @@ import argparse
 import json
 import os
 import sys
+import time
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
 
@@ -50,6 +53,7 @@ from tf_moe.routing import TopKRouter  # noqa: E402
 # Relative-norm tolerance per dtype (einsum rounds combine weights to the
 # dtype; the custom call accumulates in float32).
 TOLERANCE = {"float32": 1e-5, "bfloat16": 1e-2, "float16": 2e-3}
+EPSILON = {"float32": 2.0**-24, "bfloat16": 2.0**-8, "float16": 2.0**-11}  # unit roundoff
 
 # name: (router kwargs, G, S, d, E, C, kernel bias on expert 0)
 CASES = {
@@ -219,7 +223,12 @@ def layout_of(sizes, tail):
         row_owner=None, num_rows=n, tile=1)
 
 
-def check_grouped_case(name, dtype, seed, gemm):
+# The forward products checked: the plain grouped matmul, and
+# grouped_matmul_bias (bias, and relu, in the GEMM's epilogue).
+FUSIONS = ("plain", "bias", "bias+relu")
+
+
+def check_grouped_case(name, dtype, seed, gemm, fusion="plain"):
     os.environ["TF_MOE_GROUPED_GEMM"] = gemm  # read by the handler per call
     sizes, tail, a, b = GROUPED_CASES[name]
     layout = layout_of(sizes, tail)
@@ -227,45 +236,69 @@ def check_grouped_case(name, dtype, seed, gemm):
     rng = np.random.default_rng(seed)
     rows = rng.normal(size=(n, a))
     kernel = rng.normal(size=(e, a, b)) / np.sqrt(a)
+    bias = rng.normal(size=(e, b))
     cot = rng.normal(size=(n, b))
     expert = np.asarray(layout.tile_expert)
-    # float64 reference of the values the kernel sees (rounded to dtype).
-    r64 = np.asarray(jnp.asarray(rows, dtype).astype(jnp.float32), np.float64)
-    k64 = np.asarray(jnp.asarray(kernel, dtype).astype(jnp.float32), np.float64)
-    c64 = np.asarray(jnp.asarray(cot, dtype).astype(jnp.float32), np.float64)
-    want_out = np.zeros((n, b))
-    want_dk = np.zeros_like(k64)
-    for i in range(e):
-        seg = expert == i
-        want_out[seg] = r64[seg] @ k64[i]
-        want_dk[i] = r64[seg].T @ c64[seg]
-    want_dr = np.zeros_like(r64)
     used = expert < e
-    want_dr[used] = np.einsum("nb,nab->na", c64[used], k64[expert[used]])
+    safe = np.minimum(expert, e - 1)
 
-    def f(rows, kernel):
-        return grouped_matmul_lib.grouped_matmul(rows, kernel, layout, "custom_call")
+    def exact(x):  # float64 of the values the kernel sees (rounded to dtype)
+        return np.asarray(jnp.asarray(x, dtype).astype(jnp.float32), np.float64)
 
-    rows_t, kernel_t = jnp.asarray(rows, dtype), jnp.asarray(kernel, dtype)
-    row = {"case": name, "dtype": dtype, "gemm": gemm, "rows": n}
+    r64, k64, b64, c64 = exact(rows), exact(kernel), exact(bias), exact(cot)
+    product = np.einsum("na,nab->nb", r64, k64[safe])
+    pre = product + b64[safe] if fusion != "plain" else product
+    relu = fusion == "bias+relu"
+    want_out = np.where(used[:, None], np.maximum(pre, 0.0) if relu else pre, 0.0)
+    # relu's mask: where the pre-activation is within rounding of 0, the
+    # kernel's rounded value may fall on the other side, and then its
+    # gradient (of the function it computed) rightly differs there; take
+    # the kernel's own side in that band. (cuBLAS rounds the product to the
+    # dtype before the bias, as the unfused path does: a band of a few
+    # ulps of |product| + |bias|; CUTLASS adds the bias in float32.)
+    band = 2.0 * EPSILON[dtype] * (np.abs(product) + np.abs(b64[safe]))
+
+    def want_grads(out):
+        positive = np.where(np.abs(pre) < band, out > 0, pre > 0) if relu else True
+        d_pre = np.where(used[:, None], c64 * positive, 0.0)
+        want_dk = np.zeros_like(k64)
+        want_db = np.zeros_like(b64)
+        for i in range(e):
+            seg = expert == i
+            want_dk[i] = r64[seg].T @ d_pre[seg]
+            want_db[i] = d_pre[seg].sum(0)
+        return np.einsum("nb,nab->na", d_pre, k64[safe]), want_dk, want_db
+
+    if fusion == "plain":
+        def f(rows, kernel, bias):
+            del bias
+            return grouped_matmul_lib.grouped_matmul(rows, kernel, layout, "custom_call")
+    else:
+        def f(rows, kernel, bias):
+            return grouped_matmul_lib.grouped_matmul_bias(
+                rows, kernel, bias, layout, "relu" if relu else None, "custom_call")
+
+    args = [jnp.asarray(x, dtype) for x in (rows, kernel, bias)]
+    row = {"case": name, "dtype": dtype, "gemm": gemm, "fusion": fusion, "rows": n}
+    keys = ("out", "grad_rows", "grad_kernel") + (("grad_bias",) if fusion != "plain" else ())
     try:
-        out, vjp = jax.vjp(jax.jit(f), rows_t, kernel_t)
-        dr, dk = vjp(jnp.asarray(cot, dtype))
-        jax.block_until_ready((out, dr, dk))
+        out, vjp = jax.vjp(jax.jit(f), *args)
+        dr, dk, db = vjp(jnp.asarray(cot, dtype))
+        jax.block_until_ready((out, dr, dk, db))
     except Exception as error:  # noqa: BLE001 - a failed case, reported
-        print(f"  {name} {dtype} {gemm}: {type(error).__name__}: "
+        print(f"  {name} {dtype} {gemm} {fusion}: {type(error).__name__}: "
               f"{str(error).splitlines()[0][:200]}")
-        row.update(out="error", grad_rows="error", grad_kernel="error", ok=False)
+        row.update({key: "error" for key in keys}, ok=False)
         return row
+    checked = zip(keys, (want_out,) + want_grads(np.asarray(out.astype(jnp.float32))))
     ok = True
-    for key, got, want in (("out", out, want_out), ("grad_rows", dr, want_dr),
-                           ("grad_kernel", dk, want_dk)):
+    for (key, want), got in zip(checked, (out, dr, dk, db)):
         got = np.asarray(got.astype(jnp.float32), np.float64)
         ok &= bool(np.isfinite(got).all())
         row[key] = rel(got, want)
         ok &= row[key] <= TOLERANCE[dtype]
     out = np.asarray(out.astype(jnp.float32))
-    ok &= bool((out[~used] == 0).all())  # the tail is exactly 0
+    ok &= bool((out[~used] == 0).all())  # the tail is exactly 0, not act(bias)
     dk = np.asarray(dk.astype(jnp.float32))
     ok &= bool(all((dk[i] == 0).all() for i in range(e) if sizes[i] == 0))
     row["ok"] = ok
@@ -351,13 +384,45 @@ def check_dropless_moe(dtype, gemm):
     return row
 
 
+SECTIONS = ("dispatch", "grouped", "moe")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", default=None, help="write the results here")
+    parser.add_argument("--sections", default=",".join(SECTIONS),
+                        help=f"comma-separated subset of {','.join(SECTIONS)}")
     args = parser.parse_args()
+    sections = args.sections.split(",")
+    unknown = sorted(set(sections) - set(SECTIONS))
+    if unknown:
+        parser.error(f"--sections: unknown {unknown}; allowed: {','.join(SECTIONS)}")
     print(f"jax {jax.__version__}, keras {keras.__version__}, devices {jax.devices()}")
     print(f"custom_call available: {custom_call.is_available()}; "
           f"auto -> {resolve_plan('auto').path}")
+    rows, errors, start = [], {}, time.time()
+    if "dispatch" in sections:
+        rows += dispatch_section(errors)
+        print(f"[dispatch: {time.time() - start:.0f} s]")
+    if "grouped" in sections:
+        rows += grouped_section(errors)
+        print(f"[grouped: {time.time() - start:.0f} s]")
+    if "moe" in sections:
+        rows += moe_section()
+        print(f"[moe: {time.time() - start:.0f} s]")
+    ok = all(row["ok"] for row in rows) and all(
+        "NO ERROR" not in str(v) and "UNEXPECTED" not in str(v) for v in errors.values()
+    )
+    print(f"ALL OK ({','.join(sections)})" if ok else "FAILURES")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"rows": rows, "out_of_range": errors, "ok": ok, "sections": sections,
+                       "device": str(jax.devices()[0])}, f, indent=1)
+    return 0 if ok else 1
+
+
+def dispatch_section(errors):
+    """Dispatch/combine custom calls against einsum; out-of-range indices."""
     rows = []
     for dtype in ("float32", "bfloat16", "float16"):
         for seed, name in enumerate(CASES):
@@ -371,44 +436,49 @@ def main():
             f"{row[h]:>11.2e}" if isinstance(row[h], float) else f"{str(row[h]):>11}"
             for h in header
         ))
-    errors = check_out_of_range()
+    out_of_range = check_out_of_range()
     print("out-of-range indices:")
-    for key, value in errors.items():
+    for key, value in out_of_range.items():
         print(f"  {key}: {value}")
-    grouped = [check_grouped_case(name, dtype, seed, gemm)
+    errors.update(out_of_range)
+    return rows
+
+
+def grouped_section(errors):
+    """Both CUDA grouped matmuls (plain and fused) against float64 numpy."""
+    grouped = [check_grouped_case(name, dtype, seed, gemm, fusion)
                for dtype in ("float32", "bfloat16", "float16")
                for gemm in GEMMS[dtype]
+               for fusion in FUSIONS
                for seed, name in enumerate(GROUPED_CASES)]
     os.environ.pop("TF_MOE_GROUPED_GEMM")
     streams = os.environ.get("TF_MOE_GEMM_STREAMS", "8")
     print(f"dropless grouped matmul (gemm = TF_MOE_GROUPED_GEMM; "
           f"TF_MOE_GEMM_STREAMS={streams}), relative error vs float64 numpy")
-    header = ("case", "dtype", "gemm", "rows", "out", "grad_rows", "grad_kernel", "ok")
+    header = ("case", "dtype", "gemm", "fusion", "rows", "out", "grad_rows", "grad_kernel",
+              "grad_bias", "ok")
     print(" ".join(f"{h:>11}" for h in header))
     for row in grouped:
         print(" ".join(
-            f"{row[h]:>11.2e}" if isinstance(row[h], float) else f"{str(row[h]):>11}"
+            f"{row.get(h, '-'):>11.2e}" if isinstance(row.get(h), float)
+            else f"{str(row.get(h, '-')):>11}"
             for h in header
         ))
     bad_sizes = check_bad_group_sizes()
     for key, value in bad_sizes.items():
         print(f"  {key}: {value}")
     errors.update(bad_sizes)
+    return grouped
+
+
+def moe_section():
+    """The dropless MoE layer against the gather path with C = S."""
     moe_rows = [check_dropless_moe(dtype, gemm) for dtype in ("float32", "bfloat16")
                 for gemm in GEMMS[dtype]]
     for row in moe_rows:
         print(f"  dropless MoE vs gather (C = S), {row['dtype']}, {row['gemm']}: max relative "
               f"error {row['max_rel']:.2e} {'ok' if row['ok'] else 'FAIL'}")
-    rows += grouped + moe_rows
-    ok = all(row["ok"] for row in rows) and all(
-        "NO ERROR" not in str(v) and "UNEXPECTED" not in str(v) for v in errors.values()
-    )
-    print("ALL OK" if ok else "FAILURES")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"rows": rows, "out_of_range": errors, "ok": ok,
-                       "device": str(jax.devices()[0])}, f, indent=1)
-    return 0 if ok else 1
+    return moe_rows
 
 
 if __name__ == "__main__":

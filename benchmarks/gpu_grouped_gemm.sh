@@ -11,10 +11,15 @@
 #           with einshape, pydantic, pydantic-core, annotated-types,
 #           typing-inspection, typing-extensions, qwix, tensorboardX,
 #           immutabledict (docs/benchmarks.md says how they were fetched)
-# run: bash benchmarks/gpu_grouped_gemm.sh [quick|matmul|layer]
-# All of it takes about 10 minutes, a device call's limit: split it.
-# "quick": the correctness script and E = 64 only; "matmul": the correctness
-# script and the grouped matmul at all three E; "layer": the MoE layer only.
+# run: bash benchmarks/gpu_grouped_gemm.sh MODE[,MODE...]
+# Modes (each about 2-8 minutes; a device call has 10):
+#   correctness  benchmarks/gpu_correctness.py, every section
+#   matmul       the grouped matmul alone at E = 64, forward+backward
+#   matmul_e     the same at E = 8 and 256
+#   layer        the MoE layer at the target sizes: dense, capacity path,
+#                dropless with the fused epilogue and without, streams
+#   layer_e      the MoE layer at E = 8 and 256
+#   profile      per-op profile of the dense and dropless steps
 set -o pipefail
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
@@ -27,29 +32,45 @@ export TF_MOE_OPS_DIR=${TF_MOE_OPS_DIR:-$PWD/.cuda}
 nvidia-smi --query-gpu=name,clocks.sm,utilization.gpu,memory.used --format=csv
 quiet() { grep -v "^I0000\|^W0000\|^{"; }
 
-if [ "$1" != layer ]; then
-timeout 300 python3 benchmarks/gpu_correctness.py --json "$OUT/correctness.json" \
+has() { [[ ",$1," == *",$2,"* ]]; }
+modes=${1:-correctness}
+
+if has "$modes" correctness; then
+timeout 540 python3 benchmarks/gpu_correctness.py --json "$OUT/correctness.json" \
   > "$OUT/correctness.log" 2>&1
 echo "correctness rc=$?"
-sed -n '/^dropless grouped/,$p' "$OUT/correctness.log" | quiet | tail -60
-
-experts="64 8 256"
-[ "$1" = quick ] && experts=64
-for e in $experts; do
-  echo "grouped matmul alone, E=$e"
-  timeout 150 python3 benchmarks/grouped_matmul.py --rows 32768 --a 1024 --b 4096 \
-    --experts "$e" --dtype bfloat16 --sizes_mode uniform --warmup 3 --iters 15 \
-    --repeat 10 --implementations \
-    dense,custom_call:cutlass,custom_call:cutlass+2x1,custom_call:streams,tokamax \
-    --json "$OUT/grouped_matmul_e$e.json" 2>&1 | quiet | tail -6
-done
+grep -E "^\[|ALL OK|FAILURES|False|error [0-9.e-]+ FAIL|UNEXPECTED|NO ERROR" \
+  "$OUT/correctness.log" | quiet | tail -30
 fi
-[ "$1" = quick ] || [ "$1" = matmul ] && exit 0
+
+matmul() {
+  for e in "$@"; do
+    echo "grouped matmul alone, E=$e"
+    timeout 150 python3 benchmarks/grouped_matmul.py --rows 32768 --a 1024 --b 4096 \
+      --experts "$e" --dtype bfloat16 --sizes_mode uniform --warmup 3 --iters 15 \
+      --repeat 10 --implementations \
+      dense,custom_call:cutlass,custom_call:streams,tokamax \
+      --json "$OUT/grouped_matmul_e$e.json" 2>&1 | quiet | tail -6
+  done
+}
+has "$modes" matmul && matmul 64
+has "$modes" matmul_e && matmul 8 256
 
 # (Each row is its own process: about 20-30 s of start-up and compilation.)
+if has "$modes" layer; then
 timeout 300 python3 benchmarks/moe_layer.py --preset gpu --sizes target \
-  --paths dense,custom_call,custom_call@deferred,dropless@streams,dropless@cutlass+deferred,dropless@cutlass+2x1+deferred \
+  --paths dense,custom_call,dropless@cutlass,dropless+unfused@cutlass,dropless@streams \
   --warmup 3 --iters 10 --repeat 5 --json "$OUT/moe_layer_target.json" 2>&1 | quiet | tail -8
+fi
+if has "$modes" layer_e; then
 timeout 300 python3 benchmarks/moe_layer.py --preset gpu --sizes target_e8,target_e256 \
-  --paths dense,dropless@streams,dropless@cutlass+deferred \
+  --paths dense,dropless@cutlass,dropless+unfused@cutlass \
   --warmup 3 --iters 10 --repeat 5 --json "$OUT/moe_layer_e8_e256.json" 2>&1 | quiet | tail -8
+fi
+if has "$modes" profile; then
+# (Command buffers off, so that the trace shows every kernel.)
+XLA_FLAGS=--xla_gpu_enable_command_buffer= timeout 200 python3 benchmarks/moe_profile.py \
+  --paths dense,dropless --what_ifs "" --out "$OUT/profile" > "$OUT/profile.log" 2>&1
+echo "profile rc=$?"
+grep -v "^I0000\|^W0000" "$OUT/profile.log" | tail -60
+fi

@@ -17,6 +17,8 @@ jax.jit (Keras-on-JAX, `stateless_call`). Rows:
                  GEMM), sync/deferred set TF_MOE_CHECK_ROUTING
                  (custom_call@deferred: no stream sync per dispatch/combine),
                  1x2/2x1 set TF_MOE_CUTLASS_CLUSTER
+    PATH+unfused dropless without the bias and relu fused into the grouped
+                 matmul (dropless+unfused@cutlass)
 
 Useful FLOPs = 12 * T * k * d * h (two matmuls, forward and twice backward),
 the same for every row; TFLOP/s = useful FLOPs / time. Capacity padding,
@@ -66,9 +68,13 @@ def build_layer(path, d, h, num_experts, k, capacity_factor, group_size, dtype):
     """The layer for row `path`; a trailing "+bf16experts" rebuilds the MoE's
     Experts sublayer with the MoE's dtype policy (the what-if that found the
     Experts dtype bug; a no-op since `MoE` passes its policy to `Experts`,
-    kept to rerun the historical table in docs/benchmarks.md)."""
+    kept to rerun the historical table in docs/benchmarks.md); "+unfused"
+    keeps the dropless experts' bias and relu out of the grouped matmul
+    (`grouped_matmul_bias`), as before the fused epilogue."""
     what_if = path.endswith("+bf16experts")
     path = path.replace("+bf16experts", "")
+    unfused = path.endswith("+unfused")
+    path = path.replace("+unfused", "")
     if path == "dense":
         return keras.Sequential(
             [
@@ -92,6 +98,9 @@ def build_layer(path, d, h, num_experts, k, capacity_factor, group_size, dtype):
         config = layer.experts.get_config()
         config["dtype"] = layer.dtype_policy
         layer.experts = tf_moe.layers.experts.Experts.from_config(config)
+    if unfused:
+        ffn = layer.experts.ffn
+        layer.experts.ffn = lambda *args, matmul_bias=None, **kwargs: ffn(*args, **kwargs)
     return layer
 
 

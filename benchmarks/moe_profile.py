@@ -79,13 +79,16 @@ def build_layer(args, spec):
                 keras.layers.Dense(args.d, dtype=args.dtype),
             ]
         )
+    # "dropless": the layer's own dropless mode (custom-call dispatch,
+    # capacity_factor=None), as in benchmarks/moe_layer.py.
+    capacity_factor = None if path == "dropless" else 1.0 if "cf1" in mods else args.capacity_factor
     layer = tf_moe.layers.MoE(
         num_experts=args.experts,
         expert_hidden_dim=args.h,
         router=tf_moe.routing.TopKRouter(k=args.k, **router_kwargs),
-        capacity_factor=1.0 if "cf1" in mods else args.capacity_factor,
+        capacity_factor=capacity_factor,
         group_size=args.group_size,
-        dispatch=path,
+        dispatch="custom_call" if path == "dropless" else path,
         expert_use_bias="no_bias" not in mods,
         dtype=args.dtype,
     )
@@ -312,8 +315,9 @@ def hlo_metadata(hlo_text):
 
 CATEGORY_RULES = (
     # (category, regex on "src op_name opcode")
-    ("dispatch/combine", r"^\S*(dispatch\.py|custom_call\.py)|tf_moe_dispatch|tf_moe_combine"),
+    # (Grouped matmuls first: their custom calls are made in custom_call.py.)
     ("grouped matmuls (dropless)", r"^\S*grouped_matmul\.py|tf_moe_grouped_matmul"),
+    ("dispatch/combine", r"^\S*(dispatch\.py|custom_call\.py)|tf_moe_dispatch|tf_moe_combine"),
     ("dropless layout/rows/bias", r"^\S*dropless\.py"),
     ("routing positions", r"^\S*capacity\.py"),
     ("routing statistics", r"^\S*metrics\.py"),
