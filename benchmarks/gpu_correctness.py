@@ -207,9 +207,24 @@ GROUPED_CASES = {
     "partial_tiles": ([1, 127, 129, 255, 257, 0, 3], 0, 136, 200),
 }
 # TF_MOE_GROUPED_GEMM values checked: the Hopper kernel (16-bit types only)
-# and the cuBLAS per-expert GEMMs.
-GEMMS = {"float32": ("streams",), "bfloat16": ("cutlass", "streams"),
-         "float16": ("cutlass", "streams")}
+# in both schedules (TF_MOE_CUTLASS_SCHEDULE) and the cuBLAS per-expert GEMMs.
+GEMMS = {"float32": ("streams",),
+         "bfloat16": ("cutlass", "cutlass+pingpong", "streams"),
+         "float16": ("cutlass", "cutlass+pingpong", "streams")}
+ALL_GEMMS = ("cutlass", "cutlass+pingpong", "streams")
+
+
+def use_gemm(gemm):
+    """Sets the handlers' variables (read per call): "cutlass+pingpong" ->
+    TF_MOE_GROUPED_GEMM=cutlass, TF_MOE_CUTLASS_SCHEDULE=pingpong; None
+    unsets both."""
+    os.environ.pop("TF_MOE_GROUPED_GEMM", None)
+    os.environ.pop("TF_MOE_CUTLASS_SCHEDULE", None)
+    if gemm is not None:
+        implementation, _, schedule = gemm.partition("+")
+        os.environ["TF_MOE_GROUPED_GEMM"] = implementation
+        if schedule:
+            os.environ["TF_MOE_CUTLASS_SCHEDULE"] = schedule
 
 
 def layout_of(sizes, tail):
@@ -229,7 +244,7 @@ FUSIONS = ("plain", "bias", "bias+relu")
 
 
 def check_grouped_case(name, dtype, seed, gemm, fusion="plain"):
-    os.environ["TF_MOE_GROUPED_GEMM"] = gemm  # read by the handler per call
+    use_gemm(gemm)
     sizes, tail, a, b = GROUPED_CASES[name]
     layout = layout_of(sizes, tail)
     e, n = len(sizes), layout.num_rows
@@ -354,7 +369,7 @@ def check_dropless_moe(dtype, gemm):
     """Dropless MoE (custom_call, capacity None) == gather MoE with C = S."""
     from tf_moe.layers import MoE
 
-    os.environ["TF_MOE_GROUPED_GEMM"] = gemm
+    use_gemm(gemm)
     policy = {"float32": "float32", "bfloat16": "mixed_bfloat16"}[dtype]
     x = jnp.asarray(np.random.default_rng(5).normal(size=(4, 256, 128)), jnp.float32)
     results = {}
@@ -375,7 +390,7 @@ def check_dropless_moe(dtype, gemm):
             (_, y), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(
                 trainable, x)
         results[path] = [y] + list(grads[0]) + [grads[1]]
-    os.environ.pop("TF_MOE_GROUPED_GEMM")
+    use_gemm(None)
     row = {"case": "dropless_moe", "dtype": dtype, "gemm": gemm}
     errors = [rel(np.asarray(a.astype(jnp.float32)), np.asarray(b.astype(jnp.float32)))
               for a, b in zip(results["custom_call"], results["gather"])]
@@ -392,11 +407,18 @@ def main():
     parser.add_argument("--json", default=None, help="write the results here")
     parser.add_argument("--sections", default=",".join(SECTIONS),
                         help=f"comma-separated subset of {','.join(SECTIONS)}")
+    parser.add_argument("--gemms", default=",".join(ALL_GEMMS),
+                        help="grouped matmuls checked (grouped and moe sections), "
+                             f"a comma-separated subset of {','.join(ALL_GEMMS)}")
     args = parser.parse_args()
     sections = args.sections.split(",")
     unknown = sorted(set(sections) - set(SECTIONS))
     if unknown:
         parser.error(f"--sections: unknown {unknown}; allowed: {','.join(SECTIONS)}")
+    gemms = args.gemms.split(",")
+    unknown = sorted(set(gemms) - set(ALL_GEMMS))
+    if unknown:
+        parser.error(f"--gemms: unknown {unknown}; allowed: {','.join(ALL_GEMMS)}")
     print(f"jax {jax.__version__}, keras {keras.__version__}, devices {jax.devices()}")
     print(f"custom_call available: {custom_call.is_available()}; "
           f"auto -> {resolve_plan('auto').path}")
@@ -405,15 +427,15 @@ def main():
         rows += dispatch_section(errors)
         print(f"[dispatch: {time.time() - start:.0f} s]")
     if "grouped" in sections:
-        rows += grouped_section(errors)
+        rows += grouped_section(errors, gemms)
         print(f"[grouped: {time.time() - start:.0f} s]")
     if "moe" in sections:
-        rows += moe_section()
+        rows += moe_section(gemms)
         print(f"[moe: {time.time() - start:.0f} s]")
     ok = all(row["ok"] for row in rows) and all(
         "NO ERROR" not in str(v) and "UNEXPECTED" not in str(v) for v in errors.values()
     )
-    print(f"ALL OK ({','.join(sections)})" if ok else "FAILURES")
+    print(f"ALL OK ({','.join(sections)}; {','.join(gemms)})" if ok else "FAILURES")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"rows": rows, "out_of_range": errors, "ok": ok, "sections": sections,
@@ -444,14 +466,14 @@ def dispatch_section(errors):
     return rows
 
 
-def grouped_section(errors):
+def grouped_section(errors, gemms):
     """Both CUDA grouped matmuls (plain and fused) against float64 numpy."""
     grouped = [check_grouped_case(name, dtype, seed, gemm, fusion)
                for dtype in ("float32", "bfloat16", "float16")
-               for gemm in GEMMS[dtype]
+               for gemm in GEMMS[dtype] if gemm in gemms
                for fusion in FUSIONS
                for seed, name in enumerate(GROUPED_CASES)]
-    os.environ.pop("TF_MOE_GROUPED_GEMM")
+    use_gemm(None)
     streams = os.environ.get("TF_MOE_GEMM_STREAMS", "8")
     print(f"dropless grouped matmul (gemm = TF_MOE_GROUPED_GEMM; "
           f"TF_MOE_GEMM_STREAMS={streams}), relative error vs float64 numpy")
@@ -471,10 +493,10 @@ def grouped_section(errors):
     return grouped
 
 
-def moe_section():
+def moe_section(gemms):
     """The dropless MoE layer against the gather path with C = S."""
     moe_rows = [check_dropless_moe(dtype, gemm) for dtype in ("float32", "bfloat16")
-                for gemm in GEMMS[dtype]]
+                for gemm in GEMMS[dtype] if gemm in gemms]
     for row in moe_rows:
         print(f"  dropless MoE vs gather (C = S), {row['dtype']}, {row['gemm']}: max relative "
               f"error {row['max_rel']:.2e} {'ok' if row['ok'] else 'FAIL'}")

@@ -12,12 +12,15 @@
 #           typing-inspection, typing-extensions, qwix, tensorboardX,
 #           immutabledict (docs/benchmarks.md says how they were fetched)
 # run: bash benchmarks/gpu_grouped_gemm.sh MODE[,MODE...]
+# (CORRECTNESS_ARGS, MATMUL_IMPLS, LAYER_PATHS override the modes' defaults,
+# e.g. CORRECTNESS_ARGS="--sections grouped,moe" to fit a call.)
 # Modes (each about 2-8 minutes; a device call has 10):
 #   correctness  benchmarks/gpu_correctness.py, every section
 #   matmul       the grouped matmul alone at E = 64, forward+backward
 #   matmul_e     the same at E = 8 and 256
 #   layer        the MoE layer at the target sizes: dense, capacity path,
-#                dropless with the fused epilogue and without, streams
+#                dropless with the fused epilogue (both CUTLASS schedules)
+#                and without, streams
 #   layer_e      the MoE layer at E = 8 and 256
 #   profile      per-op profile of the dense and dropless steps
 set -o pipefail
@@ -36,20 +39,20 @@ has() { [[ ",$1," == *",$2,"* ]]; }
 modes=${1:-correctness}
 
 if has "$modes" correctness; then
-timeout 540 python3 benchmarks/gpu_correctness.py --json "$OUT/correctness.json" \
+timeout 540 python3 benchmarks/gpu_correctness.py ${CORRECTNESS_ARGS:-} --json "$OUT/correctness.json" \
   > "$OUT/correctness.log" 2>&1
 echo "correctness rc=$?"
 grep -E "^\[|ALL OK|FAILURES|False|error [0-9.e-]+ FAIL|UNEXPECTED|NO ERROR" \
   "$OUT/correctness.log" | quiet | tail -30
 fi
 
+MATMUL_IMPLS=${MATMUL_IMPLS:-dense,custom_call:cutlass,custom_call:cutlass+pingpong,custom_call:streams,tokamax}
 matmul() {
   for e in "$@"; do
     echo "grouped matmul alone, E=$e"
     timeout 150 python3 benchmarks/grouped_matmul.py --rows 32768 --a 1024 --b 4096 \
       --experts "$e" --dtype bfloat16 --sizes_mode uniform --warmup 3 --iters 15 \
-      --repeat 10 --implementations \
-      dense,custom_call:cutlass,custom_call:streams,tokamax \
+      --repeat 10 --implementations "$MATMUL_IMPLS" \
       --json "$OUT/grouped_matmul_e$e.json" 2>&1 | quiet | tail -6
   done
 }
@@ -59,12 +62,12 @@ has "$modes" matmul_e && matmul 8 256
 # (Each row is its own process: about 20-30 s of start-up and compilation.)
 if has "$modes" layer; then
 timeout 300 python3 benchmarks/moe_layer.py --preset gpu --sizes target \
-  --paths dense,custom_call,dropless@cutlass,dropless+unfused@cutlass,dropless@streams \
+  --paths "${LAYER_PATHS:-dense,custom_call,dropless@cutlass,dropless@cutlass+pingpong,dropless+unfused@cutlass,dropless@streams}" \
   --warmup 3 --iters 10 --repeat 5 --json "$OUT/moe_layer_target.json" 2>&1 | quiet | tail -8
 fi
 if has "$modes" layer_e; then
 timeout 300 python3 benchmarks/moe_layer.py --preset gpu --sizes target_e8,target_e256 \
-  --paths dense,dropless@cutlass,dropless+unfused@cutlass \
+  --paths "${LAYER_PATHS:-dense,dropless@cutlass,dropless@cutlass+pingpong}" \
   --warmup 3 --iters 10 --repeat 5 --json "$OUT/moe_layer_e8_e256.json" 2>&1 | quiet | tail -8
 fi
 if has "$modes" profile; then

@@ -47,14 +47,16 @@ def tf_grad_step(model, x, cotangent):
 CUDA_OPTIONS = {
     "cutlass": "TF_MOE_GROUPED_GEMM", "streams": "TF_MOE_GROUPED_GEMM",
     "grouped": "TF_MOE_GROUPED_GEMM",
-    "1x2": "TF_MOE_CUTLASS_CLUSTER", "2x1": "TF_MOE_CUTLASS_CLUSTER",
+    "cooperative": "TF_MOE_CUTLASS_SCHEDULE", "pingpong": "TF_MOE_CUTLASS_SCHEDULE",
     "sync": "TF_MOE_CHECK_ROUTING", "deferred": "TF_MOE_CHECK_ROUTING",
+    # The CUTLASS tile scheduler's raster order and swizzle band (tuning).
+    **{f"{order}{band}": "TF_MOE_CUTLASS_RASTER" for order in "mn" for band in (1, 2, 4, 8)},
 }
 
 
 def cuda_options_env(options):
-    """"cutlass+2x1+deferred" -> {TF_MOE_GROUPED_GEMM: "cutlass",
-    TF_MOE_CUTLASS_CLUSTER: "2x1", TF_MOE_CHECK_ROUTING: "deferred"}."""
+    """"cutlass+pingpong+deferred" -> {TF_MOE_GROUPED_GEMM: "cutlass",
+    TF_MOE_CUTLASS_SCHEDULE: "pingpong", TF_MOE_CHECK_ROUTING: "deferred"}."""
     env = {}
     for option in filter(None, options.split("+")):
         if option not in CUDA_OPTIONS:

@@ -73,20 +73,35 @@ using BiasActivation = cutlass::epilogue::fusion::Sm90EVT<
         cutlass::epilogue::fusion::Sm90RowBroadcast<0, TileShape, T*, float,
                                                     Stride<_0, _1, _0>>>>;
 
-// One kernel configuration: the cooperative schedule (two consumer
-// warpgroups share a 128 x 256 tile), C not read (ElementC = void), and a
-// cluster of two CTAs that share (multicast) one operand tile: 1 x 2 (the
-// default) pairs two N tiles of the same rows, so a segment of <= 128 rows
-// (an expert's M) leaves no CTA of the pair idle; 2 x 1 pairs two M tiles
-// and shares the larger weight tile, but idles half a cluster on an
-// expert's last, odd M tile. Which wins is measured on the GPU
-// (benchmarks/gpu_grouped_gemm.sh; TF_MOE_CUTLASS_CLUSTER). kBias: the
-// BiasActivation epilogue instead of D = acc (kRowsTimesKernel only).
-template <class T, class LayoutA, class LayoutB, int kClusterM,
+// The schedule's kernel pieces: the cooperative schedule (two consumer
+// warpgroups share a 128 x 256 tile) or ping-pong (each warpgroup its own
+// 64 x 256 tile, one's epilogue under the other's mainloop).
+template <sm90::Schedule kSchedule>
+struct ScheduleOf {
+  using TileShape = Shape<_128, _256, _64>;
+  using EpilogueSchedule = cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative;
+  using KernelSchedule = cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperative;
+};
+template <>
+struct ScheduleOf<sm90::Schedule::kPingpong> {
+  using TileShape = Shape<_64, _256, _64>;
+  using EpilogueSchedule = cutlass::epilogue::PtrArrayTmaWarpSpecializedPingpong;
+  using KernelSchedule = cutlass::gemm::KernelPtrArrayTmaWarpSpecializedPingpong;
+};
+
+// One kernel configuration: C not read (ElementC = void) and a cluster of
+// two CTAs, 1 x 2, that share (multicast) the rows' tile between two N
+// tiles of the same rows, so a segment of one M tile (an expert's M) idles
+// no CTA of the pair. (2 x 1, sharing the weight tile, measured 2-6 % slower
+// on an H100 at E = 64, 2026-12-05, and went.) Which schedule wins is
+// measured on the GPU (benchmarks/gpu_grouped_gemm.sh;
+// TF_MOE_CUTLASS_SCHEDULE). kBias: the BiasActivation epilogue instead of
+// D = acc (kRowsTimesKernel only).
+template <class T, class LayoutA, class LayoutB, sm90::Schedule kSchedule,
           bool kBias = false>
 struct Config {
-  using TileShape = Shape<_128, _256, _64>;
-  using ClusterShape = Shape<Int<kClusterM>, Int<3 - kClusterM>, _1>;
+  using TileShape = typename ScheduleOf<kSchedule>::TileShape;
+  using ClusterShape = Shape<_1, _2, _1>;
   static constexpr int kAlignment = 8;  // 16 bytes of 16-bit elements
   static constexpr bool kHasBias = kBias;
 
@@ -97,15 +112,14 @@ struct Config {
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape,
       ClusterShape, cutlass::epilogue::collective::EpilogueTileAuto, float,
       float, void, RowMajor*, kAlignment, T, RowMajor*, kAlignment,
-      cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative,
-      Fusion>::CollectiveOp;
+      typename ScheduleOf<kSchedule>::EpilogueSchedule, Fusion>::CollectiveOp;
 
   using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, T, LayoutA*,
       kAlignment, T, LayoutB*, kAlignment, float, TileShape, ClusterShape,
       cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(
           sizeof(typename Epilogue::SharedStorage))>,
-      cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperative>::CollectiveOp;
+      typename ScheduleOf<kSchedule>::KernelSchedule>::CollectiveOp;
 
   using Kernel =
       cutlass::gemm::kernel::GemmUniversal<ProblemShape, Mainloop, Epilogue>;
@@ -269,6 +283,10 @@ typename C::Gemm::Arguments MakeArguments(const GroupedGemm& g, int device,
       {t.a, t.stride_a, t.b, t.stride_b},
       {{}, nullptr, t.stride_d, t.d, t.stride_d},
       hw};
+  using RasterOrder = decltype(args.scheduler.raster_order);
+  args.scheduler.raster_order =
+      g.raster_along_n ? RasterOrder::AlongN : RasterOrder::AlongM;
+  args.scheduler.max_swizzle_size = g.swizzle;
   if constexpr (C::kHasBias) {
     // BiasActivation's arguments: op_0 (acc + bias: op_1 the bias), op_1
     // the lower bound.
@@ -335,41 +353,41 @@ std::string RunFor(const GroupedGemm& g, int device, void* scratch,
   return "";
 }
 
-// The four kernels of one element type T and cluster, by op (and bias).
-template <class T, int kClusterM>
+// The four kernels of one element type T and schedule, by op (and bias).
+template <class T, Schedule kSchedule>
 size_t ScratchBytesOf(const GroupedGemm& g, int device) {
   switch (g.op) {
     case GroupedGemmOp::kRowsTimesKernel:
       if (g.bias != nullptr) {
-        return ScratchBytesFor<Config<T, RowMajor, RowMajor, kClusterM, true>, T>(
+        return ScratchBytesFor<Config<T, RowMajor, RowMajor, kSchedule, true>, T>(
             g, device);
       }
-      return ScratchBytesFor<Config<T, RowMajor, RowMajor, kClusterM>, T>(g, device);
+      return ScratchBytesFor<Config<T, RowMajor, RowMajor, kSchedule>, T>(g, device);
     case GroupedGemmOp::kRowsTimesKernelT:
-      return ScratchBytesFor<Config<T, RowMajor, ColumnMajor, kClusterM>, T>(g, device);
+      return ScratchBytesFor<Config<T, RowMajor, ColumnMajor, kSchedule>, T>(g, device);
     case GroupedGemmOp::kKernelGrad:
       break;
   }
-  return ScratchBytesFor<Config<T, ColumnMajor, RowMajor, kClusterM>, T>(g, device);
+  return ScratchBytesFor<Config<T, ColumnMajor, RowMajor, kSchedule>, T>(g, device);
 }
 
-template <class T, int kClusterM>
+template <class T, Schedule kSchedule>
 std::string RunOf(const GroupedGemm& g, int device, void* scratch,
                   cudaStream_t stream) {
   switch (g.op) {
     case GroupedGemmOp::kRowsTimesKernel:
       if (g.bias != nullptr) {
-        return RunFor<Config<T, RowMajor, RowMajor, kClusterM, true>, T>(
+        return RunFor<Config<T, RowMajor, RowMajor, kSchedule, true>, T>(
             g, device, scratch, stream);
       }
-      return RunFor<Config<T, RowMajor, RowMajor, kClusterM>, T>(g, device, scratch, stream);
+      return RunFor<Config<T, RowMajor, RowMajor, kSchedule>, T>(g, device, scratch, stream);
     case GroupedGemmOp::kRowsTimesKernelT:
-      return RunFor<Config<T, RowMajor, ColumnMajor, kClusterM>, T>(g, device, scratch,
+      return RunFor<Config<T, RowMajor, ColumnMajor, kSchedule>, T>(g, device, scratch,
                                                                    stream);
     case GroupedGemmOp::kKernelGrad:
       break;
   }
-  return RunFor<Config<T, ColumnMajor, RowMajor, kClusterM>, T>(g, device, scratch, stream);
+  return RunFor<Config<T, ColumnMajor, RowMajor, kSchedule>, T>(g, device, scratch, stream);
 }
 
 bool Aligned(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
@@ -394,23 +412,23 @@ bool Supported(const GroupedGemm& g, int device) {
 
 size_t ScratchBytes(const GroupedGemm& g, int device) {
   const bool bf16 = g.element == Element::kBFloat16;
-  if (g.cluster_m == 2) {
-    return bf16 ? ScratchBytesOf<cutlass::bfloat16_t, 2>(g, device)
-                : ScratchBytesOf<cutlass::half_t, 2>(g, device);
+  if (g.schedule == Schedule::kPingpong) {
+    return bf16 ? ScratchBytesOf<cutlass::bfloat16_t, Schedule::kPingpong>(g, device)
+                : ScratchBytesOf<cutlass::half_t, Schedule::kPingpong>(g, device);
   }
-  return bf16 ? ScratchBytesOf<cutlass::bfloat16_t, 1>(g, device)
-              : ScratchBytesOf<cutlass::half_t, 1>(g, device);
+  return bf16 ? ScratchBytesOf<cutlass::bfloat16_t, Schedule::kCooperative>(g, device)
+              : ScratchBytesOf<cutlass::half_t, Schedule::kCooperative>(g, device);
 }
 
 std::string Run(const GroupedGemm& g, int device, void* scratch,
                 cudaStream_t stream) {
   const bool bf16 = g.element == Element::kBFloat16;
-  if (g.cluster_m == 2) {
-    return bf16 ? RunOf<cutlass::bfloat16_t, 2>(g, device, scratch, stream)
-                : RunOf<cutlass::half_t, 2>(g, device, scratch, stream);
+  if (g.schedule == Schedule::kPingpong) {
+    return bf16 ? RunOf<cutlass::bfloat16_t, Schedule::kPingpong>(g, device, scratch, stream)
+                : RunOf<cutlass::half_t, Schedule::kPingpong>(g, device, scratch, stream);
   }
-  return bf16 ? RunOf<cutlass::bfloat16_t, 1>(g, device, scratch, stream)
-              : RunOf<cutlass::half_t, 1>(g, device, scratch, stream);
+  return bf16 ? RunOf<cutlass::bfloat16_t, Schedule::kCooperative>(g, device, scratch, stream)
+              : RunOf<cutlass::half_t, Schedule::kCooperative>(g, device, scratch, stream);
 }
 
 }  // namespace sm90

@@ -37,6 +37,12 @@ namespace sm90 {
 
 enum class GroupedGemmOp { kRowsTimesKernel, kRowsTimesKernelT, kKernelGrad };
 enum class Element { kBFloat16, kFloat16 };
+// The kernel's tile and warp schedule (both with a 1 x 2 CTA cluster):
+// kCooperative 128 x 256 tiles, two consumer warpgroups on one tile;
+// kPingpong 64 x 256 tiles, the two warpgroups on alternate tiles (one's
+// epilogue overlaps the other's mainloop; half the padding of an expert's
+// last, partial M tile).
+enum class Schedule { kCooperative, kPingpong };
 
 struct GroupedGemm {
   GroupedGemmOp op;
@@ -49,7 +55,11 @@ struct GroupedGemm {
   int64_t a, b;
   void* out;                   // [N, b], or dK [E, a, b]
   int* error_flag;             // device pointer of the mapped host flag
-  int cluster_m = 1;           // CTA cluster 1 x 2 (1) or 2 x 1 (2)
+  Schedule schedule = Schedule::kCooperative;
+  // The tile scheduler's order over each group's output tiles: along M
+  // (CUTLASS's default for groups) or along N, in bands of `swizzle` tiles.
+  bool raster_along_n = false;
+  int swizzle = 1;             // 1, 2, 4 or 8
   const void* bias = nullptr;  // [E, b], kRowsTimesKernel only (or nullptr)
   int activation = 0;          // with bias: 0 none, 1 relu
 };

@@ -477,19 +477,42 @@ ffi::Error CutlassEnabled(bool* enabled) {
                   "streams, grouped (or unset). Received: ") + mode);
 }
 
-// TF_MOE_CUTLASS_CLUSTER: the kernel's CTA cluster, "1x2" (default) or
-// "2x1" (grouped_gemm_sm90.cu.cc says why both exist until measured).
-ffi::Error ClusterM(int* cluster_m) {
-  const char* value = std::getenv("TF_MOE_CUTLASS_CLUSTER");
-  if (value == nullptr || std::strcmp(value, "1x2") == 0) {
-    *cluster_m = 1;
-  } else if (std::strcmp(value, "2x1") == 0) {
-    *cluster_m = 2;
+// TF_MOE_CUTLASS_SCHEDULE: the kernel's tile and warp schedule,
+// "cooperative" (128 x 256 tiles, the default) or "pingpong" (64 x 256;
+// grouped_gemm_sm90.h).
+ffi::Error CutlassSchedule(sm90::Schedule* schedule) {
+  const char* value = std::getenv("TF_MOE_CUTLASS_SCHEDULE");
+  if (value == nullptr || std::strcmp(value, "cooperative") == 0) {
+    *schedule = sm90::Schedule::kCooperative;
+  } else if (std::strcmp(value, "pingpong") == 0) {
+    *schedule = sm90::Schedule::kPingpong;
   } else {
     return ffi::Error::InvalidArgument(
-        std::string("tf_moe: TF_MOE_CUTLASS_CLUSTER must be 1x2 or 2x1 (or "
-                    "unset). Received: ") + value);
+        std::string("tf_moe: TF_MOE_CUTLASS_SCHEDULE must be cooperative or "
+                    "pingpong (or unset). Received: ") + value);
   }
+  return ffi::Error::Success();
+}
+
+// TF_MOE_CUTLASS_RASTER: the tile scheduler's order, "m" (default) or "n",
+// optionally with a swizzle band, e.g. "n4" (1, 2, 4, 8). Tuning only.
+ffi::Error CutlassRaster(bool* along_n, int* swizzle) {
+  const char* value = std::getenv("TF_MOE_CUTLASS_RASTER");
+  *along_n = false;
+  *swizzle = 1;
+  if (value == nullptr || *value == 0) return ffi::Error::Success();
+  const std::string v(value);
+  const bool order_ok = v[0] == 'm' || v[0] == 'n';
+  const std::string band = v.substr(1);
+  if (!order_ok || !(band.empty() || band == "1" || band == "2" || band == "4" ||
+                     band == "8")) {
+    return ffi::Error::InvalidArgument(
+        std::string("tf_moe: TF_MOE_CUTLASS_RASTER must be m or n, optionally "
+                    "followed by a swizzle of 1, 2, 4 or 8 (e.g. n4), or unset. "
+                    "Received: ") + value);
+  }
+  *along_n = v[0] == 'n';
+  *swizzle = band.empty() ? 1 : std::stoi(band);
   return ffi::Error::Success();
 }
 
@@ -529,7 +552,7 @@ sm90::GroupedGemm MakeGemm(sm90::GroupedGemmOp op, const void* rows,
 
 // Decides once per handler call whether the CUTLASS kernel computes all of
 // `gemms` (*use; else cuBLAS computes all of them) and completes them (type,
-// group sizes, cluster, error flag). Reports an earlier call's invalid
+// group sizes, schedule, error flag). Reports an earlier call's invalid
 // group_sizes, and with TF_MOE_CHECK_GROUP_SIZES=sync checks this call's.
 ffi::Error UseCutlass(cudaStream_t stream, ffi::DataType dtype,
                       const ffi::Buffer<ffi::S32>& group_sizes,
@@ -544,8 +567,11 @@ ffi::Error UseCutlass(cudaStream_t stream, ffi::DataType dtype,
   if (cudaGetDevice(device) != cudaSuccess) {
     return ffi::Error::Internal("tf_moe: cudaGetDevice failed");
   }
-  int cluster_m;
-  if (auto e = ClusterM(&cluster_m); !e.success()) return e;
+  sm90::Schedule schedule;
+  if (auto e = CutlassSchedule(&schedule); !e.success()) return e;
+  bool raster_along_n;
+  int swizzle;
+  if (auto e = CutlassRaster(&raster_along_n, &swizzle); !e.success()) return e;
   // An int the table kernel sets when group_sizes are invalid.
   int *host_flag, *device_flag;
   if (auto e = MappedRecordFor(&host_flag, &device_flag); !e.success()) return e;
@@ -553,7 +579,9 @@ ffi::Error UseCutlass(cudaStream_t stream, ffi::DataType dtype,
     g->element = dtype == ffi::BF16 ? sm90::Element::kBFloat16 : sm90::Element::kFloat16;
     g->group_sizes = group_sizes.typed_data();
     g->num_experts = group_sizes.dimensions()[0];
-    g->cluster_m = cluster_m;
+    g->schedule = schedule;
+    g->raster_along_n = raster_along_n;
+    g->swizzle = swizzle;
     g->error_flag = device_flag;
     if (!sm90::Supported(*g, *device)) return ffi::Error::Success();
   }
