@@ -23,6 +23,10 @@
 #                and without, streams
 #   layer_e      the MoE layer at E = 8 and 256
 #   profile      per-op profile of the dense and dropless steps
+#   decoder_lm   the decoder LM end to end (benchmarks/decoder_lm.py, model.fit;
+#                the trainer's config, so .whl/ also needs ml_collections):
+#                dense, capacity path and dropless at E = 64 (DECODER_PATHS,
+#                DECODER_EXPERTS)
 set -o pipefail
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
@@ -76,4 +80,9 @@ XLA_FLAGS=--xla_gpu_enable_command_buffer= timeout 200 python3 benchmarks/moe_pr
   --paths dense,dropless --what_ifs "" --out "$OUT/profile" > "$OUT/profile.log" 2>&1
 echo "profile rc=$?"
 grep -v "^I0000\|^W0000" "$OUT/profile.log" | tail -60
+fi
+if has "$modes" decoder_lm; then
+timeout 420 python3 benchmarks/decoder_lm.py --preset gpu \
+  --paths "${DECODER_PATHS:-dense,custom_call,dropless}" --experts "${DECODER_EXPERTS:-64}" \
+  --warmup 5 --steps 20 --repeat 3 --json "$OUT/decoder_lm.json" 2>&1 | quiet | tail -10
 fi
