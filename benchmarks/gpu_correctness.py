@@ -43,6 +43,7 @@ import jax.numpy as jnp  # noqa: E402
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
+from timing import cuda_options_env  # noqa: E402  (benchmarks/ is sys.path[0])
 from tf_moe.ops import custom_call  # noqa: E402
 from tf_moe.ops import dispatch as dispatch_lib  # noqa: E402
 from tf_moe.ops import dropless  # noqa: E402
@@ -207,24 +208,25 @@ GROUPED_CASES = {
     "partial_tiles": ([1, 127, 129, 255, 257, 0, 3], 0, 136, 200),
 }
 # TF_MOE_GROUPED_GEMM values checked: the Hopper kernel (16-bit types only)
-# in both schedules (TF_MOE_CUTLASS_SCHEDULE) and the cuBLAS per-expert GEMMs.
+# in each configuration built (cooperative with either CTA cluster,
+# TF_MOE_CUTLASS_CLUSTER; ping-pong, TF_MOE_CUTLASS_SCHEDULE) and the cuBLAS
+# per-expert GEMMs.
 GEMMS = {"float32": ("streams",),
-         "bfloat16": ("cutlass", "cutlass+pingpong", "streams"),
-         "float16": ("cutlass", "cutlass+pingpong", "streams")}
-ALL_GEMMS = ("cutlass", "cutlass+pingpong", "streams")
+         "bfloat16": ("cutlass", "cutlass+2x1", "cutlass+pingpong", "streams"),
+         "float16": ("cutlass", "cutlass+2x1", "cutlass+pingpong", "streams")}
+ALL_GEMMS = ("cutlass", "cutlass+2x1", "cutlass+pingpong", "streams")
+_GEMM_VARIABLES = ("TF_MOE_GROUPED_GEMM", "TF_MOE_CUTLASS_SCHEDULE", "TF_MOE_CUTLASS_CLUSTER")
 
 
 def use_gemm(gemm):
-    """Sets the handlers' variables (read per call): "cutlass+pingpong" ->
-    TF_MOE_GROUPED_GEMM=cutlass, TF_MOE_CUTLASS_SCHEDULE=pingpong; None
-    unsets both."""
-    os.environ.pop("TF_MOE_GROUPED_GEMM", None)
-    os.environ.pop("TF_MOE_CUTLASS_SCHEDULE", None)
+    """Sets the handlers' variables (read per call) from a row's options:
+    "cutlass+pingpong" -> TF_MOE_GROUPED_GEMM=cutlass,
+    TF_MOE_CUTLASS_SCHEDULE=pingpong (benchmarks/timing.py); None unsets
+    them."""
+    for name in _GEMM_VARIABLES:
+        os.environ.pop(name, None)
     if gemm is not None:
-        implementation, _, schedule = gemm.partition("+")
-        os.environ["TF_MOE_GROUPED_GEMM"] = implementation
-        if schedule:
-            os.environ["TF_MOE_CUTLASS_SCHEDULE"] = schedule
+        os.environ.update(cuda_options_env(gemm))
 
 
 def layout_of(sizes, tail):

@@ -23,6 +23,9 @@
 #                and without, streams
 #   layer_e      the MoE layer at E = 8 and 256
 #   profile      per-op profile of the dense and dropless steps
+#   ncu          Nsight Compute on the GEMM kernels of the grouped matmul alone
+#                (NCU_EXPERTS, NCU_IMPLS; one step each): duration, SM, tensor
+#                and memory throughput, stalls, per kernel
 #   decoder_lm   the decoder LM end to end (benchmarks/decoder_lm.py, model.fit;
 #                the trainer's config, so .whl/ also needs ml_collections):
 #                dense, capacity path and dropless at E = 64 (DECODER_PATHS,
@@ -85,4 +88,17 @@ if has "$modes" decoder_lm; then
 timeout 420 python3 benchmarks/decoder_lm.py --preset gpu \
   --paths "${DECODER_PATHS:-dense,custom_call,dropless}" --experts "${DECODER_EXPERTS:-64}" \
   --warmup 5 --steps 20 --repeat 3 --json "$OUT/decoder_lm.json" 2>&1 | quiet | tail -10
+fi
+if has "$modes" ncu; then
+# The GEMM kernels only: CUTLASS's device_kernel and cuBLAS's (nvjet, xmma).
+timeout 300 ncu --target-processes all -k 'regex:device_kernel|nvjet|xmma|gemm' \
+  --section SpeedOfLight --section LaunchStats --section Occupancy \
+  --section WarpStateStats --section MemoryWorkloadAnalysis --csv --page details \
+  python3 benchmarks/grouped_matmul.py --rows 32768 --a 1024 --b 4096 \
+  --experts "${NCU_EXPERTS:-8}" --dtype bfloat16 --sizes_mode uniform --warmup 1 --iters 1 \
+  --implementations "${NCU_IMPLS:-dense,custom_call:cutlass,custom_call:cutlass+2x1}" \
+  --json "$OUT/ncu_matmul.json" > "$OUT/ncu.csv" 2> "$OUT/ncu.err"
+echo "ncu rc=$?"
+tail -3 "$OUT/ncu.err"
+python3 benchmarks/ncu_summary.py "$OUT/ncu.csv"
 fi

@@ -9,7 +9,8 @@ rows and kernel), compiled (TF `tf.function(jit_compile=True)`, JAX
     custom_call   tf_moe's custom call (on CUDA: TF_MOE_GROUPED_GEMM's
                   default, the CUTLASS kernel on Hopper for 16-bit types)
     custom_call:O[+O] the same with CUDA options (benchmarks/timing.py,
-                  CUDA_OPTIONS): cutlass, streams, grouped; cooperative, pingpong
+                  CUDA_OPTIONS): cutlass, streams, grouped; cooperative, pingpong;
+                  1x2, 2x1, auto (the cooperative kernel's CTA cluster)
     reference     a per-tile weight gather (memory N / tile * a * b)
     ragged_dot    jax.lax.ragged_dot (JAX)
     tokamax       tokamax.ragged_dot where installed (JAX)

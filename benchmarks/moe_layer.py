@@ -16,7 +16,8 @@ jax.jit (Keras-on-JAX, `stateless_call`). Rows:
                  TF_MOE_GROUPED_GEMM (dropless@cutlass: the Hopper grouped
                  GEMM), sync/deferred set TF_MOE_CHECK_ROUTING
                  (custom_call@deferred: no stream sync per dispatch/combine),
-                 cooperative/pingpong set TF_MOE_CUTLASS_SCHEDULE
+                 cooperative/pingpong set TF_MOE_CUTLASS_SCHEDULE,
+                 1x2/2x1/auto TF_MOE_CUTLASS_CLUSTER
     PATH+unfused dropless without the bias and relu fused into the grouped
                  matmul (dropless+unfused@cutlass)
 

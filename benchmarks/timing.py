@@ -48,6 +48,9 @@ CUDA_OPTIONS = {
     "cutlass": "TF_MOE_GROUPED_GEMM", "streams": "TF_MOE_GROUPED_GEMM",
     "grouped": "TF_MOE_GROUPED_GEMM",
     "cooperative": "TF_MOE_CUTLASS_SCHEDULE", "pingpong": "TF_MOE_CUTLASS_SCHEDULE",
+    # The cooperative kernel's CTA cluster (2x1 for long segments, auto).
+    "1x2": "TF_MOE_CUTLASS_CLUSTER", "2x1": "TF_MOE_CUTLASS_CLUSTER",
+    "auto": "TF_MOE_CUTLASS_CLUSTER",
     "sync": "TF_MOE_CHECK_ROUTING", "deferred": "TF_MOE_CHECK_ROUTING",
     # The CUTLASS tile scheduler's raster order and swizzle band (tuning).
     **{f"{order}{band}": "TF_MOE_CUTLASS_RASTER" for order in "mn" for band in (1, 2, 4, 8)},

@@ -90,18 +90,20 @@ struct ScheduleOf<sm90::Schedule::kPingpong> {
 };
 
 // One kernel configuration: C not read (ElementC = void) and a cluster of
-// two CTAs, 1 x 2, that share (multicast) the rows' tile between two N
-// tiles of the same rows, so a segment of one M tile (an expert's M) idles
-// no CTA of the pair. (2 x 1, sharing the weight tile, measured 2-6 % slower
-// on an H100 at E = 64, 2026-12-05, and went.) Which schedule wins is
+// two CTAs. 1 x 2 shares (multicasts) the rows' tile between two N tiles of
+// the same rows, so a segment of one M tile (an expert's M) idles no CTA of
+// the pair; 2 x 1 shares the other operand's tile between two M tiles
+// (less traffic, but M rounded up to 256 rows per group: 2-6 % slower for
+// all three products at E = 64 on an H100, 2026-12-05). Which wins where is
 // measured on the GPU (benchmarks/gpu_grouped_gemm.sh;
-// TF_MOE_CUTLASS_SCHEDULE). kBias: the BiasActivation epilogue instead of
-// D = acc (kRowsTimesKernel only).
+// TF_MOE_CUTLASS_SCHEDULE, TF_MOE_CUTLASS_CLUSTER). kBias: the
+// BiasActivation epilogue instead of D = acc (kRowsTimesKernel only).
 template <class T, class LayoutA, class LayoutB, sm90::Schedule kSchedule,
-          bool kBias = false>
+          sm90::Cluster kCluster, bool kBias = false>
 struct Config {
   using TileShape = typename ScheduleOf<kSchedule>::TileShape;
-  using ClusterShape = Shape<_1, _2, _1>;
+  using ClusterShape = cute::conditional_t<kCluster == sm90::Cluster::k2x1,
+                                           Shape<_2, _1, _1>, Shape<_1, _2, _1>>;
   static constexpr int kAlignment = 8;  // 16 bytes of 16-bit elements
   static constexpr bool kHasBias = kBias;
 
@@ -353,41 +355,70 @@ std::string RunFor(const GroupedGemm& g, int device, void* scratch,
   return "";
 }
 
-// The four kernels of one element type T and schedule, by op (and bias).
-template <class T, Schedule kSchedule>
+// The four kernels of one element type T, schedule and cluster, by op
+// (and bias).
+template <class T, Schedule kSchedule, Cluster kCluster>
 size_t ScratchBytesOf(const GroupedGemm& g, int device) {
   switch (g.op) {
     case GroupedGemmOp::kRowsTimesKernel:
       if (g.bias != nullptr) {
-        return ScratchBytesFor<Config<T, RowMajor, RowMajor, kSchedule, true>, T>(
+        return ScratchBytesFor<Config<T, RowMajor, RowMajor, kSchedule, kCluster, true>, T>(
             g, device);
       }
-      return ScratchBytesFor<Config<T, RowMajor, RowMajor, kSchedule>, T>(g, device);
+      return ScratchBytesFor<Config<T, RowMajor, RowMajor, kSchedule, kCluster>, T>(g, device);
     case GroupedGemmOp::kRowsTimesKernelT:
-      return ScratchBytesFor<Config<T, RowMajor, ColumnMajor, kSchedule>, T>(g, device);
+      return ScratchBytesFor<Config<T, RowMajor, ColumnMajor, kSchedule, kCluster>, T>(
+          g, device);
     case GroupedGemmOp::kKernelGrad:
       break;
   }
-  return ScratchBytesFor<Config<T, ColumnMajor, RowMajor, kSchedule>, T>(g, device);
+  return ScratchBytesFor<Config<T, ColumnMajor, RowMajor, kSchedule, kCluster>, T>(g, device);
 }
 
-template <class T, Schedule kSchedule>
+template <class T, Schedule kSchedule, Cluster kCluster>
 std::string RunOf(const GroupedGemm& g, int device, void* scratch,
                   cudaStream_t stream) {
   switch (g.op) {
     case GroupedGemmOp::kRowsTimesKernel:
       if (g.bias != nullptr) {
-        return RunFor<Config<T, RowMajor, RowMajor, kSchedule, true>, T>(
+        return RunFor<Config<T, RowMajor, RowMajor, kSchedule, kCluster, true>, T>(
             g, device, scratch, stream);
       }
-      return RunFor<Config<T, RowMajor, RowMajor, kSchedule>, T>(g, device, scratch, stream);
+      return RunFor<Config<T, RowMajor, RowMajor, kSchedule, kCluster>, T>(
+          g, device, scratch, stream);
     case GroupedGemmOp::kRowsTimesKernelT:
-      return RunFor<Config<T, RowMajor, ColumnMajor, kSchedule>, T>(g, device, scratch,
-                                                                   stream);
+      return RunFor<Config<T, RowMajor, ColumnMajor, kSchedule, kCluster>, T>(
+          g, device, scratch, stream);
     case GroupedGemmOp::kKernelGrad:
       break;
   }
-  return RunFor<Config<T, ColumnMajor, RowMajor, kSchedule>, T>(g, device, scratch, stream);
+  return RunFor<Config<T, ColumnMajor, RowMajor, kSchedule, kCluster>, T>(
+      g, device, scratch, stream);
+}
+
+// The configurations built: cooperative with either cluster, ping-pong 1 x 2
+// (each adds four kernels per element type).
+template <class T>
+size_t ScratchBytesOfType(const GroupedGemm& g, int device) {
+  if (g.schedule == Schedule::kPingpong) {
+    return ScratchBytesOf<T, Schedule::kPingpong, Cluster::k1x2>(g, device);
+  }
+  if (g.cluster == Cluster::k2x1) {
+    return ScratchBytesOf<T, Schedule::kCooperative, Cluster::k2x1>(g, device);
+  }
+  return ScratchBytesOf<T, Schedule::kCooperative, Cluster::k1x2>(g, device);
+}
+
+template <class T>
+std::string RunOfType(const GroupedGemm& g, int device, void* scratch,
+                      cudaStream_t stream) {
+  if (g.schedule == Schedule::kPingpong) {
+    return RunOf<T, Schedule::kPingpong, Cluster::k1x2>(g, device, scratch, stream);
+  }
+  if (g.cluster == Cluster::k2x1) {
+    return RunOf<T, Schedule::kCooperative, Cluster::k2x1>(g, device, scratch, stream);
+  }
+  return RunOf<T, Schedule::kCooperative, Cluster::k1x2>(g, device, scratch, stream);
 }
 
 bool Aligned(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
@@ -411,24 +442,16 @@ bool Supported(const GroupedGemm& g, int device) {
 }
 
 size_t ScratchBytes(const GroupedGemm& g, int device) {
-  const bool bf16 = g.element == Element::kBFloat16;
-  if (g.schedule == Schedule::kPingpong) {
-    return bf16 ? ScratchBytesOf<cutlass::bfloat16_t, Schedule::kPingpong>(g, device)
-                : ScratchBytesOf<cutlass::half_t, Schedule::kPingpong>(g, device);
-  }
-  return bf16 ? ScratchBytesOf<cutlass::bfloat16_t, Schedule::kCooperative>(g, device)
-              : ScratchBytesOf<cutlass::half_t, Schedule::kCooperative>(g, device);
+  return g.element == Element::kBFloat16
+             ? ScratchBytesOfType<cutlass::bfloat16_t>(g, device)
+             : ScratchBytesOfType<cutlass::half_t>(g, device);
 }
 
 std::string Run(const GroupedGemm& g, int device, void* scratch,
                 cudaStream_t stream) {
-  const bool bf16 = g.element == Element::kBFloat16;
-  if (g.schedule == Schedule::kPingpong) {
-    return bf16 ? RunOf<cutlass::bfloat16_t, Schedule::kPingpong>(g, device, scratch, stream)
-                : RunOf<cutlass::half_t, Schedule::kPingpong>(g, device, scratch, stream);
-  }
-  return bf16 ? RunOf<cutlass::bfloat16_t, Schedule::kCooperative>(g, device, scratch, stream)
-              : RunOf<cutlass::half_t, Schedule::kCooperative>(g, device, scratch, stream);
+  return g.element == Element::kBFloat16
+             ? RunOfType<cutlass::bfloat16_t>(g, device, scratch, stream)
+             : RunOfType<cutlass::half_t>(g, device, scratch, stream);
 }
 
 }  // namespace sm90

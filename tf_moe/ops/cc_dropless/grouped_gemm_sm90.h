@@ -43,6 +43,12 @@ enum class Element { kBFloat16, kFloat16 };
 // epilogue overlaps the other's mainloop; half the padding of an expert's
 // last, partial M tile).
 enum class Schedule { kCooperative, kPingpong };
+// The CTA cluster (cooperative schedule only; ping-pong runs 1 x 2): 1 x 2,
+// two N tiles of the same rows share (multicast) the rows' tile; 2 x 1, two
+// M tiles share the other operand's tile, the larger of the two with a
+// 128 x 256 tile (a fifth less L2 traffic per CTA), but the tile scheduler
+// then rounds every group's M up to 256 rows.
+enum class Cluster { k1x2, k2x1 };
 
 struct GroupedGemm {
   GroupedGemmOp op;
@@ -56,6 +62,7 @@ struct GroupedGemm {
   void* out;                   // [N, b], or dK [E, a, b]
   int* error_flag;             // device pointer of the mapped host flag
   Schedule schedule = Schedule::kCooperative;
+  Cluster cluster = Cluster::k1x2;
   // The tile scheduler's order over each group's output tiles: along M
   // (CUTLASS's default for groups) or along N, in bands of `swizzle` tiles.
   bool raster_along_n = false;

@@ -494,6 +494,47 @@ ffi::Error CutlassSchedule(sm90::Schedule* schedule) {
   return ffi::Error::Success();
 }
 
+// TF_MOE_CUTLASS_CLUSTER: the cooperative kernel's CTA cluster
+// (grouped_gemm_sm90.h): "1x2" (the default), "2x1", or "auto": 2 x 1 for
+// the weight gradient (its M is the model width, never ragged, so the
+// 256-row rounding costs nothing) and for row products whose segments
+// average kLongSegmentRows rows or more (the rounding pads at most ~6 %),
+// 1 x 2 otherwise. The average is N / E, known on the host (the sizes
+// themselves stay on the device).
+enum class ClusterMode { k1x2, k2x1, kAuto };
+constexpr int64_t kLongSegmentRows = 2048;
+
+ffi::Error CutlassCluster(ClusterMode* mode) {
+  const char* value = std::getenv("TF_MOE_CUTLASS_CLUSTER");
+  if (value == nullptr || std::strcmp(value, "1x2") == 0) {
+    *mode = ClusterMode::k1x2;
+  } else if (std::strcmp(value, "2x1") == 0) {
+    *mode = ClusterMode::k2x1;
+  } else if (std::strcmp(value, "auto") == 0) {
+    *mode = ClusterMode::kAuto;
+  } else {
+    return ffi::Error::InvalidArgument(
+        std::string("tf_moe: TF_MOE_CUTLASS_CLUSTER must be 1x2, 2x1 or auto "
+                    "(or unset). Received: ") + value);
+  }
+  return ffi::Error::Success();
+}
+
+sm90::Cluster ClusterFor(ClusterMode mode, const sm90::GroupedGemm& g) {
+  switch (mode) {
+    case ClusterMode::k1x2:
+      return sm90::Cluster::k1x2;
+    case ClusterMode::k2x1:
+      return sm90::Cluster::k2x1;
+    case ClusterMode::kAuto:
+      break;
+  }
+  const bool long_segments = g.num_rows >= kLongSegmentRows * g.num_experts;
+  return g.op == sm90::GroupedGemmOp::kKernelGrad || long_segments
+             ? sm90::Cluster::k2x1
+             : sm90::Cluster::k1x2;
+}
+
 // TF_MOE_CUTLASS_RASTER: the tile scheduler's order, "m" (default) or "n",
 // optionally with a swizzle band, e.g. "n4" (1, 2, 4, 8). Tuning only.
 ffi::Error CutlassRaster(bool* along_n, int* swizzle) {
@@ -569,6 +610,8 @@ ffi::Error UseCutlass(cudaStream_t stream, ffi::DataType dtype,
   }
   sm90::Schedule schedule;
   if (auto e = CutlassSchedule(&schedule); !e.success()) return e;
+  ClusterMode cluster;
+  if (auto e = CutlassCluster(&cluster); !e.success()) return e;
   bool raster_along_n;
   int swizzle;
   if (auto e = CutlassRaster(&raster_along_n, &swizzle); !e.success()) return e;
@@ -580,6 +623,7 @@ ffi::Error UseCutlass(cudaStream_t stream, ffi::DataType dtype,
     g->group_sizes = group_sizes.typed_data();
     g->num_experts = group_sizes.dimensions()[0];
     g->schedule = schedule;
+    g->cluster = ClusterFor(cluster, *g);
     g->raster_along_n = raster_along_n;
     g->swizzle = swizzle;
     g->error_flag = device_flag;
