@@ -85,9 +85,12 @@ echo "profile rc=$?"
 grep -v "^I0000\|^W0000" "$OUT/profile.log" | tail -60
 fi
 if has "$modes" decoder_lm; then
-timeout 420 python3 benchmarks/decoder_lm.py --preset gpu \
+timeout "${DECODER_TIMEOUT:-420}" python3 benchmarks/decoder_lm.py --preset gpu \
   --paths "${DECODER_PATHS:-dense,custom_call,dropless}" --experts "${DECODER_EXPERTS:-64}" \
-  --warmup 5 --steps 20 --repeat 3 --json "$OUT/decoder_lm.json" 2>&1 | quiet | tail -10
+  --warmup 5 --steps "${DECODER_STEPS:-20}" --repeat 3 --json "$OUT/decoder_lm.json" \
+  > "$OUT/decoder_lm.log" 2>&1
+echo "decoder_lm rc=$?"
+quiet < "$OUT/decoder_lm.log" | tail -12
 fi
 if has "$modes" ncu; then
 # The GEMM kernels only: CUTLASS's device_kernel and cuBLAS's (nvjet, xmma).
