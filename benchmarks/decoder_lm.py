@@ -86,6 +86,7 @@ def worker(args):
     """One row in this process: prints `RESULT {json}`."""
     from trainers import loop, transformer_moe
 
+    started = time.perf_counter()
     config = make_config(args.preset, args.worker, args.worker_experts, args.dropout)
     loop.set_dtype_policy(config.train)
     keras.utils.set_random_seed(0)
@@ -100,14 +101,23 @@ def worker(args):
         start = time.perf_counter()
         history = model.fit(x[: batch * n], y[: batch * n], batch_size=batch, epochs=1,
                             shuffle=False, verbose=0)
-        return time.perf_counter() - start, history.history["loss"][-1]
+        # On JAX `fit` can return before the device is done: reading the last
+        # step's loss (an output of the same program as its update) waits.
+        loss = float(history.history["loss"][-1])
+        return time.perf_counter() - start, loss
 
+    def progress(what):
+        print(f"    {args.worker} E={args.worker_experts}: {what}", file=sys.stderr, flush=True)
+
+    progress(f"built in {time.perf_counter() - started:.1f} s")
     compile_seconds, _ = fit(args.warmup)
+    progress(f"first fit ({args.warmup} steps, compiling) {compile_seconds:.1f} s")
     times, losses = [], []
     for _ in range(args.repeat):
         seconds, loss = fit(args.steps)
         times.append(seconds)
-        losses.append(float(loss))
+        losses.append(loss)
+        progress(f"fit of {args.steps} steps {seconds:.2f} s, loss {loss:.3f}")
     total, active = loop.parameter_counts(model)
     seconds = float(np.median(times))
     tokens = args.steps * batch * length
@@ -140,13 +150,15 @@ def run_row(path, experts, args):
                "--worker", path, "--worker_experts", str(experts), "--warmup", str(args.warmup),
                "--steps", str(args.steps), "--repeat", str(args.repeat),
                "--dropout", str(args.dropout)]
-    result = subprocess.run(command, capture_output=True, text=True, env=env)
+    # The worker's stderr (its progress lines, and any traceback) goes on to
+    # ours as it comes, so that a row stopped by a time limit still says how
+    # far it got.
+    result = subprocess.run(command, stdout=subprocess.PIPE, text=True, env=env)
     for line in result.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT "):])
-    lines = result.stderr.strip().splitlines() or ["?"]
-    tail = next((l.strip() for l in lines if "Error" in l or "Check failed" in l), lines[-1])
-    return {"path": path, "experts": experts, "error": f"exit {result.returncode}: {tail[:300]}"}
+    return {"path": path, "experts": experts,
+            "error": f"exit {result.returncode} (its traceback is in the log above)"}
 
 
 def main():
@@ -158,8 +170,9 @@ def main():
     parser.add_argument("--warmup", type=int, default=5, help="steps of the compiling fit")
     parser.add_argument("--steps", type=int, default=20, help="steps per timed fit")
     parser.add_argument("--repeat", type=int, default=3, help="timed fits per row")
-    parser.add_argument("--dropout", type=float, default=0.1,
-                        help="dropout and expert dropout (the recipes' 0.1)")
+    parser.add_argument("--dropout", type=float, default=0.0,
+                        help="dropout and expert dropout (0: throughput without the "
+                             "random numbers of attention dropout; the recipes use 0.1)")
     parser.add_argument("--json", default="decoder_lm_benchmark.json")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--worker_experts", type=int, default=0, help=argparse.SUPPRESS)
