@@ -134,13 +134,10 @@ def worker(args):
 
 def _plan_path(model):
     """The dispatch path the first MoE layer planned ("dropless" if so)."""
-    import tf_moe
+    from tf_moe.metrics import moe_layers
 
-    for layer in model._flatten_layers():
-        if isinstance(layer, tf_moe.layers.MoE):
-            plan = layer.plan(training=True)
-            return "dropless" if plan.dropless else plan.path
-    return None
+    plan = moe_layers(model)[0].plan(training=True)
+    return "dropless" if plan.dropless else plan.path
 
 
 def run_row(path, experts, args):

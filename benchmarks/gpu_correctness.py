@@ -43,7 +43,7 @@ import jax.numpy as jnp  # noqa: E402
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
-from timing import cuda_options_env  # noqa: E402  (benchmarks/ is sys.path[0])
+from timing import CUDA_OPTIONS, cuda_options_env  # noqa: E402  (benchmarks/ is sys.path[0])
 from tf_moe.ops import custom_call  # noqa: E402
 from tf_moe.ops import dispatch as dispatch_lib  # noqa: E402
 from tf_moe.ops import dropless  # noqa: E402
@@ -215,7 +215,9 @@ GEMMS = {"float32": ("streams",),
          "bfloat16": ("cutlass", "cutlass+2x1", "cutlass+pingpong", "streams"),
          "float16": ("cutlass", "cutlass+2x1", "cutlass+pingpong", "streams")}
 ALL_GEMMS = ("cutlass", "cutlass+2x1", "cutlass+pingpong", "streams")
-_GEMM_VARIABLES = ("TF_MOE_GROUPED_GEMM", "TF_MOE_CUTLASS_SCHEDULE", "TF_MOE_CUTLASS_CLUSTER")
+# What a grouped-matmul row's options may set (the dispatch section sets
+# TF_MOE_CHECK_ROUTING itself).
+_GEMM_VARIABLES = sorted(set(CUDA_OPTIONS.values()) - {"TF_MOE_CHECK_ROUTING"})
 
 
 def use_gemm(gemm):

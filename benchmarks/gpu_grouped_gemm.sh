@@ -24,8 +24,8 @@
 #   layer_e      the MoE layer at E = 8 and 256
 #   profile      per-op profile of the dense and dropless steps
 #   ncu          Nsight Compute on the GEMM kernels of the grouped matmul alone
-#                (NCU_EXPERTS, NCU_IMPLS; one step each): duration, SM, tensor
-#                and memory throughput, stalls, per kernel
+#                (NCU_EXPERTS, NCU_IMPLS; one step each): duration, SM and
+#                memory throughput, occupancy, per kernel (ncu_summary.py)
 #   decoder_lm   the decoder LM end to end (benchmarks/decoder_lm.py, model.fit;
 #                the trainer's config, so .whl/ also needs ml_collections):
 #                dense, capacity path and dropless at E = 64 (DECODER_PATHS,

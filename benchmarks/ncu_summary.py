@@ -1,5 +1,6 @@
 """One line per kernel from Nsight Compute's `--csv --page details` output:
-duration, SM / tensor / memory throughput, occupancy and the top stalls.
+duration, SM / memory / L2 / DRAM / L1 throughput, registers, occupancy,
+grid and cluster, and cycles per issued instruction (METRICS).
 
     python benchmarks/ncu_summary.py ncu.csv
 

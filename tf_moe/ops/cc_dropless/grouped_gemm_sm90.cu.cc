@@ -355,70 +355,49 @@ std::string RunFor(const GroupedGemm& g, int device, void* scratch,
   return "";
 }
 
-// The four kernels of one element type T, schedule and cluster, by op
-// (and bias).
-template <class T, Schedule kSchedule, Cluster kCluster>
-size_t ScratchBytesOf(const GroupedGemm& g, int device) {
+// Calls f(ConfigTag<C, T>{}) with the kernel configuration C (element type T)
+// of `g`: its element type, schedule, cluster, op and bias. One decision
+// tree for Run and ScratchBytes. Configurations built: cooperative with
+// either cluster, ping-pong 1 x 2; four kernels each per element type.
+template <class C, class T>
+struct ConfigTag {
+  using Config = C;
+  using Element = T;
+};
+
+template <class T, Schedule kSchedule, Cluster kCluster, class F>
+auto WithOpConfig(const GroupedGemm& g, F&& f) {
   switch (g.op) {
     case GroupedGemmOp::kRowsTimesKernel:
       if (g.bias != nullptr) {
-        return ScratchBytesFor<Config<T, RowMajor, RowMajor, kSchedule, kCluster, true>, T>(
-            g, device);
+        return f(ConfigTag<Config<T, RowMajor, RowMajor, kSchedule, kCluster, true>, T>{});
       }
-      return ScratchBytesFor<Config<T, RowMajor, RowMajor, kSchedule, kCluster>, T>(g, device);
+      return f(ConfigTag<Config<T, RowMajor, RowMajor, kSchedule, kCluster>, T>{});
     case GroupedGemmOp::kRowsTimesKernelT:
-      return ScratchBytesFor<Config<T, RowMajor, ColumnMajor, kSchedule, kCluster>, T>(
-          g, device);
+      return f(ConfigTag<Config<T, RowMajor, ColumnMajor, kSchedule, kCluster>, T>{});
     case GroupedGemmOp::kKernelGrad:
       break;
   }
-  return ScratchBytesFor<Config<T, ColumnMajor, RowMajor, kSchedule, kCluster>, T>(g, device);
+  return f(ConfigTag<Config<T, ColumnMajor, RowMajor, kSchedule, kCluster>, T>{});
 }
 
-template <class T, Schedule kSchedule, Cluster kCluster>
-std::string RunOf(const GroupedGemm& g, int device, void* scratch,
-                  cudaStream_t stream) {
-  switch (g.op) {
-    case GroupedGemmOp::kRowsTimesKernel:
-      if (g.bias != nullptr) {
-        return RunFor<Config<T, RowMajor, RowMajor, kSchedule, kCluster, true>, T>(
-            g, device, scratch, stream);
-      }
-      return RunFor<Config<T, RowMajor, RowMajor, kSchedule, kCluster>, T>(
-          g, device, scratch, stream);
-    case GroupedGemmOp::kRowsTimesKernelT:
-      return RunFor<Config<T, RowMajor, ColumnMajor, kSchedule, kCluster>, T>(
-          g, device, scratch, stream);
-    case GroupedGemmOp::kKernelGrad:
-      break;
-  }
-  return RunFor<Config<T, ColumnMajor, RowMajor, kSchedule, kCluster>, T>(
-      g, device, scratch, stream);
-}
-
-// The configurations built: cooperative with either cluster, ping-pong 1 x 2
-// (each adds four kernels per element type).
-template <class T>
-size_t ScratchBytesOfType(const GroupedGemm& g, int device) {
+template <class T, class F>
+auto WithKernelConfig(const GroupedGemm& g, F&& f) {
   if (g.schedule == Schedule::kPingpong) {
-    return ScratchBytesOf<T, Schedule::kPingpong, Cluster::k1x2>(g, device);
+    return WithOpConfig<T, Schedule::kPingpong, Cluster::k1x2>(g, f);
   }
   if (g.cluster == Cluster::k2x1) {
-    return ScratchBytesOf<T, Schedule::kCooperative, Cluster::k2x1>(g, device);
+    return WithOpConfig<T, Schedule::kCooperative, Cluster::k2x1>(g, f);
   }
-  return ScratchBytesOf<T, Schedule::kCooperative, Cluster::k1x2>(g, device);
+  return WithOpConfig<T, Schedule::kCooperative, Cluster::k1x2>(g, f);
 }
 
-template <class T>
-std::string RunOfType(const GroupedGemm& g, int device, void* scratch,
-                      cudaStream_t stream) {
-  if (g.schedule == Schedule::kPingpong) {
-    return RunOf<T, Schedule::kPingpong, Cluster::k1x2>(g, device, scratch, stream);
+template <class F>
+auto WithConfig(const GroupedGemm& g, F&& f) {
+  if (g.element == Element::kBFloat16) {
+    return WithKernelConfig<cutlass::bfloat16_t>(g, f);
   }
-  if (g.cluster == Cluster::k2x1) {
-    return RunOf<T, Schedule::kCooperative, Cluster::k2x1>(g, device, scratch, stream);
-  }
-  return RunOf<T, Schedule::kCooperative, Cluster::k1x2>(g, device, scratch, stream);
+  return WithKernelConfig<cutlass::half_t>(g, f);
 }
 
 bool Aligned(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
@@ -442,16 +421,18 @@ bool Supported(const GroupedGemm& g, int device) {
 }
 
 size_t ScratchBytes(const GroupedGemm& g, int device) {
-  return g.element == Element::kBFloat16
-             ? ScratchBytesOfType<cutlass::bfloat16_t>(g, device)
-             : ScratchBytesOfType<cutlass::half_t>(g, device);
+  return WithConfig(g, [&](auto tag) {
+    using Tag = decltype(tag);
+    return ScratchBytesFor<typename Tag::Config, typename Tag::Element>(g, device);
+  });
 }
 
 std::string Run(const GroupedGemm& g, int device, void* scratch,
                 cudaStream_t stream) {
-  return g.element == Element::kBFloat16
-             ? RunOfType<cutlass::bfloat16_t>(g, device, scratch, stream)
-             : RunOfType<cutlass::half_t>(g, device, scratch, stream);
+  return WithConfig(g, [&](auto tag) {
+    using Tag = decltype(tag);
+    return RunFor<typename Tag::Config, typename Tag::Element>(g, device, scratch, stream);
+  });
 }
 
 }  // namespace sm90

@@ -458,6 +458,25 @@ ffi::Error AddBias(cudaStream_t stream, ffi::ScratchAllocator& scratch,
 
 // --- the CUTLASS kernel (sm90) --------------------------------------------------
 
+// *index = the position of getenv(name) among `choices`, 0 when unset; any
+// other value is an InvalidArgument naming the variable and its values.
+ffi::Error EnvChoice(const char* name, std::initializer_list<const char*> choices,
+                     int* index) {
+  const char* value = std::getenv(name);
+  *index = 0;
+  if (value == nullptr) return ffi::Error::Success();
+  std::string allowed;
+  for (const char* choice : choices) {
+    if (std::strcmp(value, choice) == 0) return ffi::Error::Success();
+    allowed += (allowed.empty() ? "" : ", ") + std::string(choice);
+    ++*index;
+  }
+  *index = 0;
+  return ffi::Error::InvalidArgument(std::string("tf_moe: ") + name +
+                                     " must be one of " + allowed +
+                                     " (or unset). Received: " + value);
+}
+
 // TF_MOE_GROUPED_GEMM: "cutlass" (the default; where UseCutlass accepts
 // the call, else cuBLAS streams), "streams" or "grouped" (cuBLAS). Read on
 // every call, so a process can switch. The CUTLASS kernel is the default
@@ -465,33 +484,20 @@ ffi::Error AddBias(cudaStream_t stream, ffi::ScratchAllocator& scratch,
 // the dropless layer 1.8x faster than streams (docs/benchmarks.md,
 // 2026-12-05).
 ffi::Error CutlassEnabled(bool* enabled) {
-  const char* mode = std::getenv("TF_MOE_GROUPED_GEMM");
-  *enabled = mode == nullptr || std::strcmp(mode, "cutlass") == 0;
-  // (*enabled covers an unset variable.)
-  if (*enabled || std::strcmp(mode, "streams") == 0 ||
-      std::strcmp(mode, "grouped") == 0) {
-    return ffi::Error::Success();
-  }
-  return ffi::Error::InvalidArgument(
-      std::string("tf_moe: TF_MOE_GROUPED_GEMM must be one of cutlass, "
-                  "streams, grouped (or unset). Received: ") + mode);
+  int choice;
+  auto e = EnvChoice("TF_MOE_GROUPED_GEMM", {"cutlass", "streams", "grouped"}, &choice);
+  *enabled = choice == 0;
+  return e;
 }
 
 // TF_MOE_CUTLASS_SCHEDULE: the kernel's tile and warp schedule,
 // "cooperative" (128 x 256 tiles, the default) or "pingpong" (64 x 256;
 // grouped_gemm_sm90.h).
 ffi::Error CutlassSchedule(sm90::Schedule* schedule) {
-  const char* value = std::getenv("TF_MOE_CUTLASS_SCHEDULE");
-  if (value == nullptr || std::strcmp(value, "cooperative") == 0) {
-    *schedule = sm90::Schedule::kCooperative;
-  } else if (std::strcmp(value, "pingpong") == 0) {
-    *schedule = sm90::Schedule::kPingpong;
-  } else {
-    return ffi::Error::InvalidArgument(
-        std::string("tf_moe: TF_MOE_CUTLASS_SCHEDULE must be cooperative or "
-                    "pingpong (or unset). Received: ") + value);
-  }
-  return ffi::Error::Success();
+  int choice;
+  auto e = EnvChoice("TF_MOE_CUTLASS_SCHEDULE", {"cooperative", "pingpong"}, &choice);
+  *schedule = choice == 1 ? sm90::Schedule::kPingpong : sm90::Schedule::kCooperative;
+  return e;
 }
 
 // TF_MOE_CUTLASS_CLUSTER: the cooperative kernel's CTA cluster
@@ -500,24 +506,16 @@ ffi::Error CutlassSchedule(sm90::Schedule* schedule) {
 // 256-row rounding costs nothing) and for row products whose segments
 // average kLongSegmentRows rows or more (the rounding pads at most ~6 %),
 // 1 x 2 otherwise. The average is N / E, known on the host (the sizes
-// themselves stay on the device).
-enum class ClusterMode { k1x2, k2x1, kAuto };
+// themselves stay on the device). Tuning: on an H100 neither 2x1 nor auto
+// beat 1x2 (docs/benchmarks.md, 2026-12-06).
+enum class ClusterMode { k1x2, k2x1, kAuto };  // in EnvChoice's order
 constexpr int64_t kLongSegmentRows = 2048;
 
 ffi::Error CutlassCluster(ClusterMode* mode) {
-  const char* value = std::getenv("TF_MOE_CUTLASS_CLUSTER");
-  if (value == nullptr || std::strcmp(value, "1x2") == 0) {
-    *mode = ClusterMode::k1x2;
-  } else if (std::strcmp(value, "2x1") == 0) {
-    *mode = ClusterMode::k2x1;
-  } else if (std::strcmp(value, "auto") == 0) {
-    *mode = ClusterMode::kAuto;
-  } else {
-    return ffi::Error::InvalidArgument(
-        std::string("tf_moe: TF_MOE_CUTLASS_CLUSTER must be 1x2, 2x1 or auto "
-                    "(or unset). Received: ") + value);
-  }
-  return ffi::Error::Success();
+  int choice;
+  auto e = EnvChoice("TF_MOE_CUTLASS_CLUSTER", {"1x2", "2x1", "auto"}, &choice);
+  *mode = static_cast<ClusterMode>(choice);
+  return e;
 }
 
 sm90::Cluster ClusterFor(ClusterMode mode, const sm90::GroupedGemm& g) {
